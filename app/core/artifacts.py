@@ -1,0 +1,58 @@
+"""The artifact store on the data dir: atomic directory publishing and content hashes."""
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temp_sibling(final: Path) -> Path:
+    """A fresh temp directory next to `final`, on the same filesystem so rename is atomic."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """fsync `tmp` and rename it to `final`. If `final` exists (same content hash), keep it."""
+    fsync_tree(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+def remove_stale_temps(parent: Path) -> None:
+    """Drop temp dirs that a crashed writer left behind; they are never referenced."""
+    if parent.is_dir():
+        for p in parent.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,90 @@
+"""OpenAI-shaped errors: every failure is {"error": {"message", "type", "param", "code"}}."""
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    status_code = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class InvalidRequest(APIError):
+    pass
+
+
+class NotFound(APIError):
+    status_code = 404
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "not_found"):
+        super().__init__(message, param=param, code=code)
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    type = "authentication_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_api_key")
+
+
+class Conflict(APIError):
+    status_code = 409
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message, param=param, code="file_too_large")
+
+
+class ServiceUnavailable(APIError):
+    status_code = 503
+    type = "server_error"
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _validation_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_req: Request, exc: APIError):
+        return JSONResponse(
+            error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status_code
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = _validation_param(tuple(first.get("loc", ())))
+        message = f"Invalid value for '{param}': {first.get('msg')}" if param else first.get("msg")
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(
+            error_body(str(exc.detail), type_, None, code), status_code=exc.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception):
+        return JSONResponse(
+            error_body("Internal server error", "server_error", None, "internal_error"),
+            status_code=500,
+        )

@@ -1,0 +1,63 @@
+"""One settings object, read from TUNEFORGE_* environment variables by the CLI, the API and the worker."""
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BASE_MODEL = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    data_dir: Path = Path("./.tuneforge")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Extra base models: name -> local Hugging Face checkpoint directory (JSON in the environment).
+    base_models: dict[str, Path] = Field(default_factory=dict)
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    # Worker: lease and retry policy.
+    worker_id: str | None = None
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    poll_seconds: float = 1.0
+    max_attempts: int = 3
+    retry_backoff_seconds: float = 5.0
+    checkpoint_every_steps: int = 50
+    keep_checkpoints: int = 3
+    # Inference engine: adapter tiers and batching.
+    gpu_adapter_slots: int = 8
+    cpu_adapter_cache: int = 32
+    max_batch_size: int = 32
+    max_context_tokens: int = 2048
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'tuneforge.db'}"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def base_models_dir(self) -> Path:
+        return self.data_dir / "base_models"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,106 @@
+"""Shared fixtures: real SQLite files and a real PostgreSQL database per run, a data dir per test
+with the embedded base model materialised once per machine and linked in."""
+import os
+import secrets
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from app.core.settings import EMBEDDED_BASE_MODEL, Settings
+
+REPO = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get(
+    "TUNEFORGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+# The materialised base model is 520 MB and takes ~30 s to build: build it once, reuse it.
+BASE_MODEL_CACHE = REPO / ".tuneforge-test-cache"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url():
+    """A fresh PostgreSQL database for this test run, dropped afterwards."""
+    name = f"tuneforge_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - tell the developer how to start the server
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({exc}); start it first")
+    yield str(make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False))
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _reset_postgres(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path):
+    """Each test gets an empty, migrated-from-scratch database on both backends."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tuneforge.db'}"
+    url = request.getfixturevalue("postgres_server_url")
+    _reset_postgres(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    from app.inference.base_models import resolve_base_model
+
+    return resolve_base_model(EMBEDDED_BASE_MODEL, Settings(data_dir=BASE_MODEL_CACHE))
+
+
+def link_base_model(data_dir: Path, base_model_dir: Path) -> None:
+    target = data_dir / "base_models" / EMBEDDED_BASE_MODEL
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(base_model_dir, target_is_directory=True)
+
+
+@pytest.fixture
+def settings(tmp_path, database_url, monkeypatch) -> Settings:
+    """Settings for one test: its own data dir and database, also exported to the environment
+    so that subprocesses (tuneforge api/worker/keys) read the same ones."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    monkeypatch.setenv("TUNEFORGE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("TUNEFORGE_DATABASE_URL", database_url)
+    monkeypatch.setenv("TUNEFORGE_DEVICE", "cpu")
+    from app.core import db, settings as settings_module
+
+    settings_module.get_settings.cache_clear()
+    db.get_engine.cache_clear()
+    db.get_sessionmaker.cache_clear()
+    s = settings_module.get_settings()
+    from app.core.migrate import upgrade
+
+    upgrade(s.resolved_database_url)
+    yield s
+    db.get_engine().dispose()
+    settings_module.get_settings.cache_clear()
+    db.get_engine.cache_clear()
+    db.get_sessionmaker.cache_clear()
+
+
+def tuneforge(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real console script."""
+    return subprocess.run(
+        [str(REPO / ".venv" / "bin" / "tuneforge"), *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, check=check, timeout=300,
+    )
