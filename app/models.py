@@ -84,6 +84,8 @@ class Job(Base):
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512))
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    # sha256 of the create request, so a reused Idempotency-Key with other parameters is refused.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)

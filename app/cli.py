@@ -1,0 +1,133 @@
+"""The `tuneforge` command."""
+import signal
+import subprocess
+import sys
+import time
+
+import typer
+
+from app.core.settings import EMBEDDED_BASE_MODEL, get_settings
+
+app = typer.Typer(help="Tuneforge: QLoRA fine-tuning and LoRA serving.", no_args_is_help=True)
+keys_app = typer.Typer(help="Tenants' API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations."""
+    from app.core.migrate import upgrade
+
+    upgrade(get_settings().resolved_database_url)
+    typer.echo("database is up to date")
+
+
+@app.command()
+def api() -> None:
+    """Run the HTTP API and the inference engine."""
+    import uvicorn
+
+    from app.core.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.resolved_database_url)
+    uvicorn.run(
+        "app.main:create_app", factory=True, host=settings.host, port=settings.port,
+        log_level="info", timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def worker() -> None:
+    """Run one training worker: claims queued jobs, one at a time."""
+    from worker.loop import run_worker
+
+    run_worker(get_settings())
+
+
+def _prepare_base_model() -> None:
+    from app.inference.base_models import resolve_base_model
+
+    typer.echo(f"preparing base model {EMBEDDED_BASE_MODEL} (first run only: about 30 s)")
+    resolve_base_model(EMBEDDED_BASE_MODEL, get_settings())
+
+
+@app.command()
+def up() -> None:
+    """Run the API and one worker until Ctrl-C or SIGTERM, which stops both cleanly."""
+    migrate()
+    _prepare_base_model()
+    exe = [sys.executable, "-m", "app.cli"]
+    children = {
+        "api": subprocess.Popen([*exe, "api"]),
+        "worker": subprocess.Popen([*exe, "worker"]),
+    }
+    stopping = False
+
+    def _stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    settings = get_settings()
+    typer.echo(f"Tuneforge is up on http://{settings.host}:{settings.port} (Ctrl-C stops it)")
+    # If either child exits on its own, take the other down too: half a service is no service.
+    while not stopping and all(c.poll() is None for c in children.values()):
+        time.sleep(0.5)
+    _stop(signal.SIGTERM, None)
+    # The worker finishes its current step and writes a checkpoint before exiting.
+    deadline = time.monotonic() + 120
+    for name, child in children.items():
+        try:
+            child.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            typer.echo(f"{name} did not stop in time; killing it", err=True)
+            child.kill()
+            child.wait()
+    failed = [n for n, c in children.items() if c.returncode not in (0, -signal.SIGTERM)]
+    raise typer.Exit(1 if failed and not stopping else 0)
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Option(..., help="Tenant name; created if new.")) -> None:
+    """Create an API key; the key is the last line printed."""
+    from app.core.db import session_scope
+    from app.services.keys import create_key
+
+    with session_scope() as session:
+        row, key = create_key(session, tenant)
+        typer.echo(f"created key {row.id} for tenant {tenant} (shown once, store it now):")
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(tenant: str | None = typer.Option(None, help="Only this tenant's keys.")) -> None:
+    """List API keys (their ids and prefixes; keys themselves are never stored)."""
+    from app.core.db import session_scope
+    from app.services.keys import list_keys
+
+    with session_scope() as session:
+        for key, t in list_keys(session, tenant):
+            state = "revoked" if key.revoked_at else "active"
+            typer.echo(f"{key.id}\t{t.name}\t{key.prefix}…\t{state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key id shown by 'keys list'.")) -> None:
+    """Revoke an API key: requests with it get 401 from now on."""
+    from app.core.db import session_scope
+    from app.services.keys import revoke_key
+
+    with session_scope() as session:
+        if not revoke_key(session, key_id):
+            typer.echo(f"no key with id {key_id}; see 'tuneforge keys list'", err=True)
+            raise typer.Exit(2)
+    typer.echo(f"revoked {key_id}")
+
+
+if __name__ == "__main__":
+    app()

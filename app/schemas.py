@@ -1,0 +1,184 @@
+"""Request and response bodies. Response shapes follow OpenAI's published API reference so the
+official clients parse them unchanged; Tuneforge's own fields are additions."""
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+T = TypeVar("T")
+
+
+class ListPage(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+    @classmethod
+    def of(cls, data: list, has_more: bool):
+        return cls(
+            data=data, has_more=has_more, first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+        )
+
+
+# --- Files ---
+
+
+class FilePublic(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+    sha256: str
+    examples: int
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# --- Fine-tuning jobs ---
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's three hyperparameters plus Tuneforge's LoRA settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    lora_r: int = Field(16, ge=1, le=256)
+    lora_alpha: int = Field(32, ge=1, le=4096)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    max_seq_length: int = Field(1024, ge=16, le=32768)
+    packing: bool = True
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules_named(cls, v):
+        if isinstance(v, list) and (not v or not all(isinstance(m, str) and m for m in v)):
+            raise ValueError("give 'all-linear' or a non-empty list of module names such as q_proj")
+        return v
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"]
+    supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    integrations: list[Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, v):
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("at most 16 keys, keys up to 64 and values up to 512 characters")
+        return v
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, v):
+        if v:
+            raise ValueError("integrations are not supported; leave the field out")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source_of_hyperparameters(self):
+        if self.hyperparameters is not None and self.method is not None:
+            raise ValueError("give hyperparameters either at the top level or under method, not both")
+        return self
+
+    @property
+    def requested_hyperparameters(self) -> Hyperparameters:
+        if self.method is not None:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str] = []
+    seed: int
+    status: str
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None = None
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+    user_provided_suffix: str | None = None
+
+
+class JobEventPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    data: dict[str, Any] | None = None
+    type: Literal["message", "metrics"] = "message"
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, float]
+    step_number: int
+
+
+# --- Models ---
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    parent: str | None = None

@@ -1,0 +1,183 @@
+"""Training files: every line validated before the file is stored; stored atomically."""
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.core.settings import Settings
+from app.models import File, Tenant, new_id
+from app.services.pagination import page
+
+PURPOSE = "fine-tune"
+ROLES = {"system", "user", "assistant"}
+
+
+class BadLine(ValueError):
+    pass
+
+
+def _shape(example: object) -> str:
+    if not isinstance(example, dict):
+        raise BadLine("each line must be a JSON object")
+    if "messages" in example:
+        return "chat"
+    if "prompt" in example or "completion" in example:
+        return "prompt_completion"
+    if "text" in example:
+        return "text"
+    raise BadLine(
+        'expected one of {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'
+    )
+
+
+def _check_chat(example: dict) -> None:
+    messages = example["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise BadLine("'messages' must be a non-empty list")
+    has_answer = False
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadLine(f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise BadLine(f"messages[{i}].role is {role!r}; use one of system, user, assistant")
+        if not isinstance(content, str):
+            raise BadLine(f"messages[{i}].content must be a string")
+        if role == "assistant" and content.strip():
+            has_answer = True
+    if not has_answer:
+        raise BadLine("needs at least one assistant message with non-empty content to learn from")
+
+
+def _check_prompt_completion(example: dict) -> None:
+    prompt, completion = example.get("prompt"), example.get("completion")
+    if not isinstance(prompt, str):
+        raise BadLine("'prompt' must be a string")
+    if not isinstance(completion, str) or not completion.strip():
+        raise BadLine("'completion' must be a non-empty string")
+
+
+def _check_text(example: dict) -> None:
+    if not isinstance(example["text"], str) or not example["text"].strip():
+        raise BadLine("'text' must be a non-empty string")
+
+
+CHECKS = {"chat": _check_chat, "prompt_completion": _check_prompt_completion, "text": _check_text}
+
+
+def validate_training_jsonl(path: Path) -> tuple[str, int]:
+    """Read every line; return (format, examples) or raise InvalidRequest naming the first bad line."""
+    fmt, examples = None, 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+                if not line:
+                    continue
+                try:
+                    example = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                shape = _shape(example)
+                if fmt is not None and shape != fmt:
+                    raise BadLine(f"is in the {shape} format but earlier lines are {fmt}; use one format")
+                CHECKS[shape](example)
+            except UnicodeDecodeError:
+                raise InvalidRequest(
+                    f"Invalid training file: line {number} is not UTF-8 text.", param="file",
+                    code="invalid_file_format",
+                ) from None
+            except BadLine as exc:
+                raise InvalidRequest(
+                    f"Invalid training file: line {number}: {exc}.", param="file",
+                    code="invalid_file_format",
+                ) from None
+            fmt = shape
+            examples += 1
+    if not examples:
+        raise InvalidRequest(
+            "Invalid training file: it holds no examples; give at least one JSON line.",
+            param="file", code="invalid_file_format",
+        )
+    return fmt, examples
+
+
+def file_path(settings: Settings, file_id: str) -> Path:
+    return settings.files_dir / f"{file_id}.jsonl"
+
+
+def store_file(
+    session: Session, settings: Settings, tenant: Tenant, *, upload: BinaryIO, filename: str,
+    purpose: str,
+) -> File:
+    if purpose != PURPOSE:
+        raise InvalidRequest(
+            f"purpose {purpose!r} is not supported; upload training data with purpose 'fine-tune'.",
+            param="purpose",
+        )
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    file_id = new_id("file")
+    tmp = settings.files_dir / f".tmp-{file_id}"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as out:
+            for block in iter(lambda: upload.read(1 << 20), b""):
+                size += len(block)
+                if size > settings.max_upload_bytes:
+                    raise PayloadTooLarge(
+                        f"File is larger than the {settings.max_upload_bytes} byte limit; "
+                        "split it or raise TUNEFORGE_MAX_UPLOAD_BYTES.", param="file",
+                    )
+                digest.update(block)
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        fmt, examples = validate_training_jsonl(tmp)
+        final = file_path(settings, file_id)
+        os.rename(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    row = File(
+        id=file_id, tenant_id=tenant.id, filename=filename, purpose=purpose, bytes=size,
+        sha256=digest.hexdigest(), format=fmt, examples=examples,
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except Exception:
+        final.unlink(missing_ok=True)
+        raise
+    return row
+
+
+def get_file(session: Session, tenant: Tenant, file_id: str, *, param: str = "file_id") -> File:
+    row = session.get(File, file_id)
+    if row is None or row.tenant_id != tenant.id:
+        raise NotFound(f"No such file: '{file_id}'.", param=param)
+    return row
+
+
+def list_files(
+    session: Session, tenant: Tenant, *, purpose: str | None, after: str | None, limit: int,
+    order: str,
+) -> tuple[list[File], bool]:
+    query = select(File).where(File.tenant_id == tenant.id)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    pivot = None
+    if after:
+        cursor = get_file(session, tenant, after, param="after")
+        pivot = (cursor.created_at, cursor.id)
+    return page(session, query, (File.created_at, File.id), pivot, limit, descending=order == "desc")
+
+
+def delete_file(session: Session, settings: Settings, tenant: Tenant, file_id: str) -> None:
+    row = get_file(session, tenant, file_id)
+    session.delete(row)
+    session.commit()
+    file_path(settings, file_id).unlink(missing_ok=True)

@@ -1,0 +1,199 @@
+"""Fine-tuning jobs: creation with full validation, and the one status machine the API applies."""
+import hashlib
+import json
+import math
+import secrets
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.core.settings import Settings
+from app.models import Checkpoint, File, Job, JobEvent, JobStatus, Tenant, new_id, now
+from app.schemas import Hyperparameters, JobCreate
+from app.services.files import PURPOSE, get_file
+from app.services.pagination import page
+
+BASE_LEARNING_RATE = 2e-4
+# The fewest optimizer steps "auto" aims for, so that a small file still teaches something.
+AUTO_MIN_STEPS = 100
+
+FINISHED = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+# action -> statuses it may start from. Pause and cancel of a running job are carried out by
+# the worker at its next step (it watches `pause_requested` and the status it is fenced on).
+ALLOWED_FROM = {
+    "cancel": {JobStatus.validating_files, JobStatus.queued, JobStatus.running, JobStatus.paused},
+    "pause": {JobStatus.queued, JobStatus.running},
+    "resume": {JobStatus.paused},
+}
+
+
+def resolve_hyperparameters(requested: Hyperparameters, examples: int) -> dict:
+    """Replace every "auto" with the value the job will run with; the job records the result."""
+    hp = requested.model_dump()
+    if hp["batch_size"] == "auto":
+        hp["batch_size"] = min(16, max(1, examples // 16))
+    if hp["n_epochs"] == "auto":
+        steps_per_epoch = math.ceil(examples / hp["batch_size"])
+        hp["n_epochs"] = min(25, max(3, math.ceil(AUTO_MIN_STEPS / steps_per_epoch)))
+    if hp["learning_rate_multiplier"] == "auto":
+        hp["learning_rate_multiplier"] = 1.0
+    hp["learning_rate"] = BASE_LEARNING_RATE * hp["learning_rate_multiplier"]
+    return hp
+
+
+def output_model_name(base: str, tenant: Tenant, suffix: str | None, job_id: str) -> str:
+    return f"ft:{base}:{tenant.name}:{suffix or ''}:{job_id}"
+
+
+def _request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _training_file(session: Session, tenant: Tenant, file_id: str, param: str) -> File:
+    try:
+        row = get_file(session, tenant, file_id, param=param)
+    except NotFound:
+        raise InvalidRequest(
+            f"{param} '{file_id}' does not exist; upload it with POST /v1/files first.",
+            param=param, code="invalid_file",
+        ) from None
+    if row.purpose != PURPOSE:
+        raise InvalidRequest(f"{param} '{file_id}' was not uploaded with purpose 'fine-tune'.", param=param)
+    return row
+
+
+def create_job(
+    session: Session, settings: Settings, tenant: Tenant, body: JobCreate,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Returns (job, created). A repeated Idempotency-Key returns the first job unchanged."""
+    from app.inference.base_models import available_base_models
+
+    request_hash = _request_hash(body)
+    if idempotency_key:
+        existing = _by_idempotency_key(session, tenant, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash), False
+    if body.model not in available_base_models(settings):
+        raise InvalidRequest(
+            f"Model '{body.model}' is not a base model here; choose one of "
+            f"{', '.join(available_base_models(settings))}.", param="model", code="model_not_available",
+        )
+    training = _training_file(session, tenant, body.training_file, "training_file")
+    if body.validation_file:
+        _training_file(session, tenant, body.validation_file, "validation_file")
+    job_id = new_id("ftjob")
+    job = Job(
+        id=job_id, tenant_id=tenant.id, model=body.model, training_file=body.training_file,
+        validation_file=body.validation_file, suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        metadata_=body.metadata,
+        hyperparameters=resolve_hyperparameters(body.requested_hyperparameters, training.examples),
+        status=JobStatus.queued, output_model=output_model_name(body.model, tenant, body.suffix, job_id),
+        idempotency_key=idempotency_key, request_hash=request_hash,
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, message=f"Validated training file: {training.id}"))
+    session.add(JobEvent(job_id=job.id, message="Job queued"))
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race: answer with its job.
+        session.rollback()
+        existing = _by_idempotency_key(session, tenant, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(existing, request_hash), False
+    return job, True
+
+
+def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
+
+
+def _replay(job: Job, request_hash: str) -> Job:
+    if job.request_hash != request_hash:
+        raise Conflict(
+            "This Idempotency-Key was already used with different parameters; use a new key.",
+            param="Idempotency-Key", code="idempotency_key_reused",
+        )
+    return job
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant.id:
+        raise NotFound(f"No such fine-tuning job: '{job_id}'.", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(session: Session, tenant: Tenant, after: str | None, limit: int) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    pivot = None
+    if after:
+        cursor = get_job(session, tenant, after)
+        pivot = (cursor.created_at, cursor.id)
+    return page(session, query, (Job.created_at, Job.id), pivot, limit)
+
+
+def apply_action(session: Session, tenant: Tenant, job_id: str, action: str) -> Job:
+    """cancel | pause | resume, under a row lock so a worker's concurrent write cannot interleave."""
+    job = session.scalar(
+        select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id).with_for_update()
+    )
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: '{job_id}'.", param="fine_tuning_job_id")
+    if job.status not in ALLOWED_FROM[action]:
+        raise InvalidRequest(
+            f"Cannot {action} a job that is {job.status}; {action} applies to jobs that are "
+            f"{' or '.join(sorted(ALLOWED_FROM[action]))}.", param="fine_tuning_job_id",
+            code="invalid_job_state",
+        )
+    if action == "cancel":
+        job.status, job.finished_at, job.pause_requested = JobStatus.cancelled, now(), False
+        job.worker_id = job.lease_expires_at = None
+        message = "Job cancelled"
+    elif action == "pause" and job.status == JobStatus.running:
+        job.pause_requested = True
+        message = "Pause requested; the job pauses after its next checkpoint"
+    elif action == "pause":
+        job.status = JobStatus.paused
+        message = "Job paused"
+    else:
+        job.status, job.run_after = JobStatus.queued, 0.0
+        message = "Job resumed and queued; it continues from its last checkpoint"
+    session.add(JobEvent(job_id=job.id, message=message))
+    session.commit()
+    return job
+
+
+def list_events(session: Session, tenant: Tenant, job_id: str, after: str | None,
+                limit: int) -> tuple[list[JobEvent], bool]:
+    get_job(session, tenant, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    pivot = None
+    if after:
+        try:
+            pivot = (int(after.removeprefix("ftevent-")),)
+        except ValueError:
+            raise InvalidRequest(f"after '{after}' is not an event id.", param="after") from None
+    return page(session, query, (JobEvent.id,), pivot, limit)
+
+
+def list_checkpoints(session: Session, tenant: Tenant, job_id: str, after: str | None,
+                     limit: int) -> tuple[list[Checkpoint], bool]:
+    get_job(session, tenant, job_id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    pivot = None
+    if after:
+        cursor = session.get(Checkpoint, after)
+        if cursor is None or cursor.job_id != job_id:
+            raise InvalidRequest(f"after '{after}' is not a checkpoint of this job.", param="after")
+        pivot = (cursor.step, cursor.id)
+    return page(session, query, (Checkpoint.step, Checkpoint.id), pivot, limit)
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())

@@ -1,0 +1,72 @@
+"""Models visible to a tenant: configured base models plus its fine-tunes, checkpoints and imports."""
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.core.errors import NotFound
+from app.core.settings import Settings
+from app.models import Model, Tenant
+
+BASE_MODEL_CREATED_AT = 1_700_000_000
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What the inference engine needs to serve a model id: its base and, for an adapter, the
+    immutable version (content hash) and its directory."""
+
+    id: str
+    base_model: str
+    version: str | None = None
+    adapter_dir: Path | None = None
+
+
+def model_not_found(model_id: str) -> NotFound:
+    return NotFound(
+        f"The model '{model_id}' does not exist or you do not have access to it.",
+        param="model", code="model_not_found",
+    )
+
+
+def resolve_model(session: Session, settings: Settings, tenant: Tenant, model_id: str) -> ResolvedModel:
+    from app.inference.base_models import available_base_models
+
+    if model_id in available_base_models(settings):
+        return ResolvedModel(id=model_id, base_model=model_id)
+    row = session.get(Model, model_id)
+    # Another tenant's model is reported exactly like a missing one.
+    if row is None or row.tenant_id != tenant.id:
+        raise model_not_found(model_id)
+    return ResolvedModel(
+        id=row.id, base_model=row.base_model, version=row.version,
+        adapter_dir=settings.data_dir / row.path,
+    )
+
+
+def list_models(session: Session, tenant: Tenant) -> list[Model]:
+    return list(
+        session.scalars(
+            select(Model).where(Model.tenant_id == tenant.id).order_by(Model.created_at, Model.id)
+        )
+    )
+
+
+def get_model(session: Session, tenant: Tenant, model_id: str) -> Model:
+    row = session.get(Model, model_id)
+    if row is None or row.tenant_id != tenant.id:
+        raise model_not_found(model_id)
+    return row
+
+
+def delete_model(session: Session, settings: Settings, tenant: Tenant, model_id: str) -> Model:
+    """Delete a tenant's model id. Its adapter files go too once no other id points at them."""
+    row = get_model(session, tenant, model_id)
+    session.delete(row)
+    session.flush()
+    still_used = session.scalar(select(func.count()).select_from(Model).where(Model.path == row.path))
+    if not still_used and row.kind != "checkpoint":
+        shutil.rmtree(settings.data_dir / row.path, ignore_errors=True)
+    return row
