@@ -8,9 +8,21 @@ import typer
 
 from app.core.settings import EMBEDDED_BASE_MODEL, get_settings
 
-app = typer.Typer(help="Tuneforge: QLoRA fine-tuning and LoRA serving.", no_args_is_help=True)
+app = typer.Typer(
+    help="Tuneforge: QLoRA fine-tuning and LoRA serving.", no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 keys_app = typer.Typer(help="Tenants' API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+
+
+def _migrated_session():
+    """A transaction on an up-to-date database (key commands may run before the first `up`)."""
+    from app.core.db import session_scope
+    from app.core.migrate import upgrade
+
+    upgrade(get_settings().resolved_database_url)
+    return session_scope()
 
 
 @app.command()
@@ -95,10 +107,9 @@ def up() -> None:
 @keys_app.command("create")
 def keys_create(tenant: str = typer.Option(..., help="Tenant name; created if new.")) -> None:
     """Create an API key; the key is the last line printed."""
-    from app.core.db import session_scope
     from app.services.keys import create_key
 
-    with session_scope() as session:
+    with _migrated_session() as session:
         row, key = create_key(session, tenant)
         typer.echo(f"created key {row.id} for tenant {tenant} (shown once, store it now):")
     typer.echo(key)
@@ -107,10 +118,9 @@ def keys_create(tenant: str = typer.Option(..., help="Tenant name; created if ne
 @keys_app.command("list")
 def keys_list(tenant: str | None = typer.Option(None, help="Only this tenant's keys.")) -> None:
     """List API keys (their ids and prefixes; keys themselves are never stored)."""
-    from app.core.db import session_scope
     from app.services.keys import list_keys
 
-    with session_scope() as session:
+    with _migrated_session() as session:
         for key, t in list_keys(session, tenant):
             state = "revoked" if key.revoked_at else "active"
             typer.echo(f"{key.id}\t{t.name}\t{key.prefix}…\t{state}")
@@ -119,10 +129,9 @@ def keys_list(tenant: str | None = typer.Option(None, help="Only this tenant's k
 @keys_app.command("revoke")
 def keys_revoke(key_id: str = typer.Argument(..., help="The key id shown by 'keys list'.")) -> None:
     """Revoke an API key: requests with it get 401 from now on."""
-    from app.core.db import session_scope
     from app.services.keys import revoke_key
 
-    with session_scope() as session:
+    with _migrated_session() as session:
         if not revoke_key(session, key_id):
             typer.echo(f"no key with id {key_id}; see 'tuneforge keys list'", err=True)
             raise typer.Exit(2)

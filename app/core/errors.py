@@ -53,9 +53,34 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+SOURCES = {"body", "query", "path", "header", "form"}
+
+
 def _validation_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    # pydantic names each member of a union in the location (e.g. "literal['auto']", "int"):
+    # the client only needs the field.
+    parts = [str(p) for p in loc if p not in SOURCES and not _is_union_tag(p)]
     return ".".join(parts) or None
+
+
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and (
+        "[" in part or part in {"int", "float", "str", "bool", "list", "dict"} or "-" in part
+    )
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}.", None
+    param = _validation_param(tuple(first.get("loc", ())))
+    # Every alternative pydantic tried for this field, e.g. "'auto'" or "an integer >= 1".
+    reasons = []
+    for err in errors:
+        if _validation_param(tuple(err.get("loc", ()))) == param and err["msg"] not in reasons:
+            reasons.append(err["msg"])
+    reason = " or ".join(reasons)
+    return (f"Invalid value for '{param}': {reason}." if param else f"{reason}."), param
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -67,9 +92,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        param = _validation_param(tuple(first.get("loc", ())))
-        message = f"Invalid value for '{param}': {first.get('msg')}" if param else first.get("msg")
+        message, param = validation_message(exc.errors())
         return JSONResponse(
             error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400
         )
