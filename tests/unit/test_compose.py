@@ -6,7 +6,6 @@ import re
 import shlex
 from pathlib import Path
 
-import click
 import pytest
 import typer
 import yaml
@@ -36,30 +35,38 @@ def as_argv(command) -> list[str]:
     return [str(part) for part in command]
 
 
-def resolve_subcommand(argv: list[str]) -> click.Command:
-    """Follow `tuneforge <group> <command> ...` through the CLI's click tree; fail on any name the
-    CLI does not have."""
+def subcommands(command) -> dict | None:
+    """A command group's subcommands by name, None for a plain command. (Duck-typed: recent typer
+    builds its commands on a vendored click, so they are not `click.Group` instances.)"""
+    commands = getattr(command, "commands", None)
+    return commands if isinstance(commands, dict) else None
+
+
+def resolve_subcommand(argv: list[str]) -> str:
+    """Follow `tuneforge <group> <command> ...` through the command tree that typer builds from
+    the real CLI and return the path (e.g. "keys create"); fail on any name the CLI lacks."""
     assert argv, "no command given"
     assert Path(argv[0]).name == "tuneforge", f"{argv!r} does not run the tuneforge command"
-    command: click.Command = typer.main.get_command(cli_app)
-    path = ["tuneforge"]
+    command = typer.main.get_command(cli_app)
+    assert subcommands(command), "the tuneforge CLI has no subcommands"
+    path: list[str] = []
     for word in argv[1:]:
-        if not isinstance(command, click.Group) or word.startswith("-"):
+        children = subcommands(command)
+        if children is None or word.startswith("-"):
             break
-        sub = command.commands.get(word)
-        assert sub is not None, (
-            f"'{' '.join(path)} {word}' is not a tuneforge subcommand; "
-            f"known: {sorted(command.commands)}"
+        assert word in children, (
+            f"'tuneforge {' '.join([*path, word])}' is not a tuneforge command; "
+            f"known: {sorted(children)}"
         )
-        command, path = sub, [*path, word]
-    assert not isinstance(command, click.Group), (
-        f"{argv!r} names the group '{' '.join(path)}' but none of its commands"
+        command, path = children[word], [*path, word]
+    assert path and subcommands(command) is None, (
+        f"{argv!r} does not name a tuneforge command (stops at 'tuneforge {' '.join(path)}')"
     )
-    return command
+    return " ".join(path)
 
 
 def subcommand_name(argv: list[str]) -> str:
-    return resolve_subcommand(argv).name
+    return resolve_subcommand(argv)
 
 
 def env_mapping(environment) -> dict[str, str]:
@@ -327,9 +334,9 @@ def test_dockerfile_runs_as_a_non_root_user():
 # --- the checks above must catch mistakes --------------------------------------------------------
 
 def test_a_bogus_subcommand_is_caught():
-    resolve_subcommand(["tuneforge", "keys", "create", "--tenant", "acme"])
+    assert resolve_subcommand(["tuneforge", "keys", "create", "--tenant", "acme"]) == "keys create"
     for argv in (["tuneforge", "serve"], ["tuneforge", "keys", "rotate"], ["tuneforge", "keys"],
-                 ["python", "-m", "app.cli", "api"]):
+                 ["tuneforge"], ["python", "-m", "app.cli", "api"]):
         with pytest.raises(AssertionError):
             resolve_subcommand(argv)
 
