@@ -4,7 +4,13 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -26,9 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def postgres_server_url():
-    """A fresh PostgreSQL database for this test run, dropped afterwards."""
+@contextmanager
+def fresh_postgres_database():
+    """A new, empty PostgreSQL database, dropped afterwards."""
     name = f"tuneforge_test_{secrets.token_hex(4)}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
@@ -36,10 +42,19 @@ def postgres_server_url():
             c.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:  # noqa: BLE001 - tell the developer how to start the server
         pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({exc}); start it first")
-    yield str(make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False))
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url():
+    """One database for this test run; `database_url` empties it before each test."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 def _reset_postgres(url: str) -> None:
@@ -104,3 +119,41 @@ def tuneforge(*args: str, env: dict | None = None, check: bool = True) -> subpro
         [str(REPO / ".venv" / "bin" / "tuneforge"), *args],
         capture_output=True, text=True, env={**os.environ, **(env or {})}, check=check, timeout=300,
     )
+
+
+@contextmanager
+def running_api(env: dict, port: int | None = None):
+    """`tuneforge api` as a real process on a free port; yields its base URL."""
+    port = port or free_port()
+    # A file, not a pipe: a chatty server must never block on a full pipe nobody reads.
+    log = tempfile.NamedTemporaryFile("w+", prefix="tuneforge-api-", suffix=".log")
+    proc = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "tuneforge"), "api"],
+        env={**os.environ, **env, "TUNEFORGE_PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"tuneforge api exited early:\n{log.read()}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("tuneforge api did not come up in 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        sys.stdout.write(log.read()[-4000:])
+        log.close()
