@@ -1,0 +1,386 @@
+"""The inference engine: one resident base model owned by one thread that runs a continuous,
+mixed-adapter batch.
+
+HTTP handlers `submit` a request and read its events from a `ResultStream` (an asyncio queue fed
+thread-safely), so the event loop never waits on torch. Each loop turn the engine thread admits
+waiting requests whose adapter sits in a pool slot (loads run on the loader thread meanwhile),
+prefills each newcomer alone (batch of one, no padding), merges it into the running batch, then
+runs one decode step for every running sequence at once.
+
+The running batch shares one KV cache, left-padded to its longest sequence: an attention mask
+hides the padding and explicit position ids keep each row's positions its own, so a row computes
+the same thing whether it runs alone or next to others. Rows join and leave between decode
+steps; a leaving row is cut out and all-padding columns are trimmed."""
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from app.core.metrics import (
+    GPU_MEMORY_BYTES, INFERENCE_REQUESTS, INFERENCE_RUNNING, INFERENCE_WAITING,
+    TIME_TO_FIRST_TOKEN, TOKENS_GENERATED,
+)
+from app.core.settings import EMBEDDED_BASE_MODEL, Settings
+from app.inference.adapters import AdapterLoader, AdapterRef, AdapterTiers
+from app.inference.base_models import resolve_base_model
+from app.inference.lora import AdapterPool
+from app.inference.sampling import SamplingParams, TextTracker, make_generator, sample_token
+from app.services.adapter_files import AdapterFileError
+
+log = logging.getLogger(__name__)
+
+
+class EngineStopped(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterRef | None = None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    error: Exception
+
+
+class ResultStream:
+    """The handler's end of one request: TextDelta events, then a Completion or a Failure."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: "Engine"):
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._engine = engine
+        self.cancelled = False
+        self.done = False
+
+    def put(self, event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancelled = True
+
+    async def get(self):
+        event = await self._queue.get()
+        if isinstance(event, (Completion, Failure)):
+            self.done = True
+        return event
+
+    def cancel(self) -> None:
+        """Stop generating (client gone); frees the request's batch row at the next step."""
+        if not self.done:
+            self.cancelled = True
+            self._engine.wake()
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    stream: ResultStream
+    submitted_at: float
+    slot: int = 0
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    tracker: TextTracker | None = None
+    # Tokens held in the KV cache for this row (prompt + generated except the newest).
+    length: int = 0
+
+
+class Engine:
+    def __init__(self, settings: Settings, base_model: str = EMBEDDED_BASE_MODEL):
+        self.settings = settings
+        self.base_model = base_model
+        self.base_dir: Path = resolve_base_model(base_model, settings)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.device = torch.device(
+            "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.ready = False
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
+        self.loader = AdapterLoader(self.base_dir, self._on_adapter_loaded)
+        self.tiers: AdapterTiers | None = None
+        self.context_window = settings.max_context_tokens
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        # Admitted, not yet in the batch (failed with the batch if a forward pass raises).
+        self.prefilling: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+
+    # --- Any thread ---
+
+    def start(self) -> None:
+        self._load_model()
+        self.loader.start()
+        self._thread.start()
+        self.ready = True
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+        self._thread.join(timeout=30)
+        self.loader.stop()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def submit(self, request: GenerationRequest) -> ResultStream:
+        """Queue a request; must be called on the event loop that reads the stream."""
+        stream = ResultStream(asyncio.get_running_loop(), self)
+        if self._stopping:
+            raise EngineStopped("the inference engine is shutting down")
+        self._commands.put(("submit", Sequence(request, stream, submitted_at=time.monotonic())))
+        self.wake()
+        return stream
+
+    def unload(self, version: str) -> None:
+        """Drop an adapter version from every tier (its model id was deleted)."""
+        self._commands.put(("unload", version))
+        self.wake()
+
+    def resident_adapters(self) -> dict[str, list[str]]:
+        return self.tiers.resident() if self.tiers else {"gpu": [], "cpu": []}
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # --- Engine thread ---
+
+    def _load_model(self) -> None:
+        model = AutoModelForCausalLM.from_pretrained(
+            self.base_dir, dtype=self.dtype, attn_implementation="sdpa"
+        )
+        self.model = model.to(self.device).eval()
+        pool = AdapterPool(self.model, self.settings.gpu_adapter_slots, self.device)
+        self.tiers = AdapterTiers(pool, self.settings.cpu_adapter_cache, self.loader, wake=self._wake)
+        self.context_window = min(
+            self.settings.max_context_tokens, self.model.config.max_position_embeddings
+        )
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
+
+    def _on_adapter_loaded(self, version: str, result) -> None:
+        self.tiers.deliver(version, result)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                try:
+                    self._turn()
+                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                    log.exception("inference step failed")
+                    self._fail_all(exc)
+        self._drain_commands()
+        self._fail_all(EngineStopped("the inference engine stopped"))
+
+    def _turn(self) -> None:
+        self._wake.clear()
+        self._drain_commands()
+        for version, error in self.tiers.finished_loads():
+            if error is not None:
+                self._fail_waiting(lambda s, v=version: s.request.adapter and s.request.adapter.version == v, error)
+        admitted = self._admit()
+        self.prefilling = list(admitted)
+        while self.prefilling:
+            self._prefill(self.prefilling[0])
+            self.prefilling.pop(0)
+        self._drop_cancelled()
+        INFERENCE_WAITING.set(len(self.waiting))
+        INFERENCE_RUNNING.set(len(self.running))
+        if self.running:
+            self._decode_step()
+            if self.device.type == "cuda":
+                GPU_MEMORY_BYTES.set(torch.cuda.memory_allocated(self.device))
+        elif not admitted:
+            self._wake.wait(timeout=1.0)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command == "submit":
+                self.waiting.append(arg)
+            elif command == "unload":
+                self.tiers.unload(arg)
+                self._fail_waiting(
+                    lambda s, v=arg: s.request.adapter and s.request.adapter.version == v,
+                    AdapterFileError("the model was deleted"),
+                )
+
+    def _admit(self) -> list[Sequence]:
+        admitted, still_waiting = [], []
+        for seq in self.waiting:
+            if seq.stream.cancelled:
+                self._finish_metrics(seq, "cancelled")
+                continue
+            slot = 0
+            room = len(self.running) + len(admitted) < self.settings.max_batch_size
+            if room and seq.request.adapter is not None:
+                slot = self.tiers.acquire(seq.request.adapter)
+            if not room or slot is None:
+                still_waiting.append(seq)
+                continue
+            seq.slot = slot
+            admitted.append(seq)
+        self.waiting = still_waiting
+        return admitted
+
+    def _prefill(self, seq: Sequence) -> None:
+        seq.generator = make_generator(seq.request.params)
+        seq.tracker = TextTracker(seq.request.params.stop)
+        ids = torch.tensor([seq.request.prompt_ids], device=self.device)
+        cache = DynamicCache()
+        self.tiers.pool.rows.set([seq.slot])
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seq.length = ids.shape[1]
+        TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(time.monotonic() - seq.submitted_at)
+        if self._accept_token(seq, out.logits[0, -1]):
+            self._release(seq)
+            return
+        self._join_batch(seq, out.past_key_values)
+
+    def _decode_step(self) -> None:
+        tokens = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
+        positions = torch.tensor([[s.length] for s in self.running], device=self.device)
+        self.tiers.pool.rows.set([s.slot for s in self.running])
+        out = self.model(
+            input_ids=tokens, attention_mask=self._mask, position_ids=positions,
+            past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+        )
+        self._cache = out.past_key_values
+        logits = out.logits[:, -1]
+        finished = []
+        for row, seq in enumerate(self.running):
+            seq.length += 1
+            if self._accept_token(seq, logits[row]):
+                finished.append(row)
+        self._remove_rows(finished)
+
+    def _accept_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Record one sampled token and send its text; True when the sequence is finished."""
+        params = seq.request.params
+        token = sample_token(logits, params, seq.generator)
+        seq.generated.append(token)
+        TOKENS_GENERATED.labels(seq.request.model).inc()
+        is_eos = token in self.eos_ids
+        text_ids = seq.generated[:-1] if is_eos else seq.generated
+        finished = is_eos or len(seq.generated) >= params.max_new_tokens
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        delta = seq.tracker.advance(text, finished)
+        if delta:
+            seq.stream.put(TextDelta(delta))
+        if not (finished or seq.tracker.stopped):
+            return False
+        reason = "stop" if is_eos or seq.tracker.stopped else "length"
+        seq.stream.put(Completion(reason, len(seq.request.prompt_ids), len(seq.generated)))
+        self._finish_metrics(seq, "completed")
+        return True
+
+    def _join_batch(self, seq: Sequence, cache: DynamicCache) -> None:
+        new_mask = torch.ones(1, seq.length, dtype=torch.long, device=self.device)
+        if not self.running:
+            self._cache, self._mask, self.running = cache, new_mask, [seq]
+            return
+        width = max(self._mask.shape[1], seq.length)
+        layers = []
+        for old, new in zip(self._cache.layers, cache.layers):
+            layers.append((
+                torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
+                torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
+            ))
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(new_mask, width)])
+        self.running.append(seq)
+
+    def _remove_rows(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        for row in rows:
+            self._release(self.running[row])
+        keep = [i for i in range(len(self.running)) if i not in set(rows)]
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        # Columns that are padding for every remaining row can go.
+        start = int(mask.any(dim=0).nonzero()[0])
+        self._mask = mask[:, start:]
+        self._cache = DynamicCache(ddp_cache_data=[
+            (layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
+            for layer in self._cache.layers
+        ])
+
+    def _drop_cancelled(self) -> None:
+        rows = [i for i, s in enumerate(self.running) if s.stream.cancelled]
+        for row in rows:
+            self._finish_metrics(self.running[row], "cancelled")
+        self._remove_rows(rows)
+
+    def _release(self, seq: Sequence) -> None:
+        self.tiers.release(seq.slot)
+
+    def _fail_waiting(self, matches, error: Exception) -> None:
+        keep = []
+        for seq in self.waiting:
+            if matches(seq):
+                seq.stream.put(Failure(error))
+                self._finish_metrics(seq, "failed")
+            else:
+                keep.append(seq)
+        self.waiting = keep
+
+    def _fail_all(self, error: Exception) -> None:
+        for seq in [*self.running, *self.prefilling]:
+            self._release(seq)
+        for seq in [*self.running, *self.prefilling, *self.waiting]:
+            seq.stream.put(Failure(error))
+            self._finish_metrics(seq, "failed")
+        self.running, self.prefilling, self.waiting = [], [], []
+        self._cache = self._mask = None
+
+    def _finish_metrics(self, seq: Sequence, outcome: str) -> None:
+        INFERENCE_REQUESTS.labels(seq.request.model, outcome).inc()
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad the sequence dimension (-2 for KV tensors (b, h, seq, d), -1 for masks) on the left."""
+    if tensor.dim() == 2:
+        return F.pad(tensor, (width - tensor.shape[1], 0))
+    return F.pad(tensor, (0, 0, width - tensor.shape[2], 0))

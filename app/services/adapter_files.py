@@ -1,0 +1,165 @@
+"""PEFT LoRA adapter directories: checks that need no torch (config, safetensors headers against
+the base model's tensor shapes, manifest hash) and importing one into the artifact store."""
+import json
+import math
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from app.core.artifacts import publish_dir, sha256_file, temp_sibling
+from app.core.settings import Settings
+from app.models import Model
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PEFT_PREFIX = "base_model.model."
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class AdapterFileError(ValueError):
+    """The adapter directory cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoraModuleSpec:
+    rank: int
+    scale: float
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> {"dtype", "shape", "data_offsets"}; refuses a truncated or malformed file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise AdapterFileError(f"{path.name} is truncated (no safetensors header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise AdapterFileError(f"{path.name} is truncated or not a safetensors file")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise AdapterFileError(f"{path.name} has a malformed safetensors header") from exc
+    header.pop("__metadata__", None)
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        end = info.get("data_offsets", [0, 0])[1]
+        if end > data_len:
+            raise AdapterFileError(f"{path.name} is truncated (tensor {name} lies past the end)")
+    return header
+
+
+def base_linear_shapes(base_dir: Path) -> dict[str, tuple[int, int]]:
+    """Module name -> (out_features, in_features) of every linear layer inside the decoder layers."""
+    index = base_dir / "model.safetensors.index.json"
+    files = (
+        sorted({base_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if index.exists() else [base_dir / "model.safetensors"]
+    )
+    shapes = {}
+    for file in files:
+        for name, info in read_safetensors_header(file).items():
+            if ".layers." in name and name.endswith(".weight") and len(info["shape"]) == 2:
+                shapes[name.removesuffix(".weight")] = tuple(info["shape"])
+    return shapes
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    for key, value in (patterns or {}).items():
+        if module == key or module.endswith("." + key):
+            return value
+    return default
+
+
+def check_adapter_dir(adapter_dir: Path, base_dir: Path) -> dict[str, LoraModuleSpec]:
+    """Module name -> rank and scale of a plain LoRA adapter whose tensors fit the base model."""
+    for name in ADAPTER_FILES:
+        if not (adapter_dir / name).is_file():
+            raise AdapterFileError(f"the adapter directory has no {name}")
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except ValueError as exc:
+        raise AdapterFileError("adapter_config.json is not valid JSON") from exc
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFileError(f"only LoRA adapters are served, not {config.get('peft_type')}")
+    for key, allowed in (("use_dora", False), ("bias", "none"), ("modules_to_save", None),
+                         ("fan_in_fan_out", False)):
+        if config.get(key, allowed) not in (allowed, [] if allowed is None else allowed):
+            raise AdapterFileError(f"adapter_config.json: {key}={config[key]!r} is not supported")
+    header = read_safetensors_header(adapter_dir / "adapter_model.safetensors")
+    base_shapes = base_linear_shapes(base_dir)
+    pairs: dict[str, dict[str, list[int]]] = {}
+    for name, info in header.items():
+        module, _, part = name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if part not in ("A.weight", "B.weight") or module not in base_shapes:
+            raise AdapterFileError(f"unexpected tensor {name} in adapter_model.safetensors")
+        pairs.setdefault(module, {})[part[0]] = info["shape"]
+    specs = {}
+    for module, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise AdapterFileError(f"{module} has lora_A or lora_B missing")
+        out_features, in_features = base_shapes[module]
+        rank = parts["A"][0]
+        if parts["A"] != [rank, in_features] or parts["B"] != [out_features, rank]:
+            raise AdapterFileError(
+                f"{module}: LoRA shapes {parts['A']} and {parts['B']} do not fit the base "
+                f"layer ({out_features}x{in_features}); was it trained on another base model?"
+            )
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+        divisor = math.sqrt(rank) if config.get("use_rslora") else rank
+        specs[module] = LoraModuleSpec(rank=rank, scale=alpha / divisor)
+    if not specs:
+        raise AdapterFileError("adapter_model.safetensors holds no LoRA tensors")
+    return specs
+
+
+def verify_manifest(adapter_dir: Path, version: str) -> None:
+    """The weights file must hash to the version the model id points at (and its manifest)."""
+    try:
+        manifest = json.loads((adapter_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError("the adapter's manifest.json is missing or unreadable") from exc
+    actual = sha256_file(adapter_dir / "adapter_model.safetensors")
+    if manifest.get("sha256") != version or actual != version:
+        raise AdapterFileError(
+            "adapter_model.safetensors does not match its manifest sha256 (corrupt or truncated)"
+        )
+
+
+def import_adapter(
+    session: Session, settings: Settings, tenant_id: str, tenant_name: str, name: str,
+    source: Path, base_model: str, base_dir: Path,
+) -> Model:
+    """Copy a PEFT adapter directory into adapters/<sha256>/ and register the model id
+    ft:<base>:<tenant>:<name> (kind 'import')."""
+    extra = sorted(p.name for p in source.iterdir() if p.name not in ADAPTER_FILES)
+    if extra:
+        raise AdapterFileError(f"unexpected files in the adapter directory: {', '.join(extra)}")
+    check_adapter_dir(source, base_dir)
+    config = json.loads((source / "adapter_config.json").read_text())
+    declared = Path(str(config.get("base_model_name_or_path") or base_model)).name
+    if declared.lower() != base_model.lower():
+        raise AdapterFileError(f"the adapter was trained on {declared}, not on {base_model}")
+    model_id = f"ft:{base_model}:{tenant_name}:{name}"
+    if session.get(Model, model_id) is not None:
+        raise AdapterFileError(f"the model {model_id} already exists; delete it first")
+    version = sha256_file(source / "adapter_model.safetensors")
+    final = settings.adapters_dir / version
+    if not final.exists():
+        tmp = temp_sibling(final)
+        try:
+            for file in ADAPTER_FILES:
+                shutil.copyfile(source / file, tmp / file)
+            manifest = {"sha256": version, "base_model": base_model, "source": "import",
+                        "model": model_id}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            publish_dir(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    row = Model(id=model_id, tenant_id=tenant_id, base_model=base_model, kind="import",
+                version=version, path=str(final.relative_to(settings.data_dir)))
+    session.add(row)
+    session.flush()
+    return row

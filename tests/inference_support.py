@@ -1,0 +1,63 @@
+"""Test adapters for the inference engine: PEFT-format LoRA weights with a fixed seed (B nonzero so
+outputs differ from the base), published to the artifact store with a Model row."""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from app.core.artifacts import publish_dir, sha256_file, temp_sibling
+from app.core.db import session_scope
+from app.core.settings import EMBEDDED_BASE_MODEL, Settings
+from app.models import Model
+from app.services.adapter_files import PEFT_PREFIX, base_linear_shapes
+from app.services.keys import get_or_create_tenant
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
+def write_peft_adapter(
+    directory: Path, base_dir: Path, seed: int, rank: int = 8, alpha: int = 16,
+    targets: tuple[str, ...] = DEFAULT_TARGETS, std: float = 0.05,
+) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors as peft's save_pretrained does."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out_features, in_features) in sorted(base_linear_shapes(base_dir).items()):
+        if module.rsplit(".", 1)[-1] in targets:
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * std
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * std
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir),
+        "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "inference_mode": True,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def publish_test_adapter(
+    settings: Settings, tenant_name: str, model_id: str, seed: int, kind: str = "fine_tune", **kw,
+) -> Model:
+    """Publish a seeded adapter to adapters/<sha256>/ and point `model_id` of the tenant at it."""
+    base_dir = settings.base_models_dir / EMBEDDED_BASE_MODEL
+    staging = settings.data_dir / "staging" / f"{seed}-{kw.get('rank', 8)}"
+    write_peft_adapter(staging, base_dir, seed, **kw)
+    version = sha256_file(staging / "adapter_model.safetensors")
+    final = settings.adapters_dir / version
+    if not final.exists():
+        tmp = temp_sibling(final)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(staging / name, tmp / name)
+        (tmp / "manifest.json").write_text(json.dumps({"sha256": version, "base_model": EMBEDDED_BASE_MODEL}))
+        publish_dir(tmp, final)
+    with session_scope() as session:
+        tenant = get_or_create_tenant(session, tenant_name)
+        row = Model(id=model_id, tenant_id=tenant.id, base_model=EMBEDDED_BASE_MODEL, kind=kind,
+                    version=version, path=str(final.relative_to(settings.data_dir)))
+        session.add(row)
+    return row
