@@ -1,17 +1,31 @@
 """The API process: control-plane routes and the inference engine."""
+import asyncio
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from app.api.routes import files, health, jobs, models
+from app.api.routes import files, health, inference, jobs, models
 from app.core.errors import install_error_handlers
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from app.core.settings import get_settings
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    yield
+    # Imported here: torch and the model load only when the server actually starts.
+    from app.inference.engine import Engine
+
+    def start_engine() -> Engine:
+        engine = Engine(get_settings())
+        engine.start()
+        return engine
+
+    app.state.engine = await asyncio.to_thread(start_engine)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(app.state.engine.stop)
 
 
 def create_app() -> FastAPI:
@@ -37,4 +51,5 @@ def create_app() -> FastAPI:
     app.include_router(files.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")
     app.include_router(models.router, prefix="/v1")
+    app.include_router(inference.router)
     return app

@@ -1,0 +1,258 @@
+"""Inference: OpenAI chat and text completions (plain and SSE streams) and the short /generate.
+
+Handlers validate, resolve the model id (tenant check first) to an adapter version, hand the
+request to the engine on app.state and relay its events; torch stays behind the engine."""
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, TenantDep
+from app.core.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
+from app.core.settings import get_settings
+from app.schemas import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionRequest, ChatMessage, ChunkDelta, CompletionChoice, CompletionRequest,
+    GenerateRequest, GenerateResponse, SamplingFields, TextCompletion, Usage,
+)
+from app.services.models import model_not_found, resolve_model
+
+router = APIRouter(tags=["inference"])
+
+DEFAULT_GENERATE_TOKENS = 128
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class AdapterUnavailable(APIError):
+    status_code = 500
+    type = "server_error"
+
+
+def _engine(request: Request):
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None or not engine.ready:
+        raise ServiceUnavailable("The inference engine is not ready yet; retry shortly.")
+    return engine
+
+
+def _chat_dicts(messages: list[ChatMessage]) -> list[dict]:
+    # The base models' chat templates know "system", not OpenAI's newer "developer".
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in messages]
+
+
+async def _submit(
+    request: Request, session, tenant, body: SamplingFields, *, prompt: str | None,
+    messages: list[ChatMessage] | None, max_tokens: int | None, max_tokens_param: str,
+    default_max_tokens: int | None,
+):
+    """Validate and submit; returns the engine's result stream."""
+    from app.inference.adapters import AdapterRef
+    from app.inference.engine import EngineStopped, GenerationRequest
+    from app.inference.sampling import SamplingParams
+
+    engine = _engine(request)
+    resolved = resolve_model(session, get_settings(), tenant, body.model)
+    session.commit()  # end the read transaction before the (long) generation
+    if resolved.base_model != engine.base_model:
+        raise InvalidRequest(
+            f"The model '{body.model}' is built on {resolved.base_model}, which this server does "
+            f"not serve (it serves {engine.base_model}).", param="model",
+        )
+    if messages is not None:
+        prompt_ids = await run_in_threadpool(engine.encode_chat, _chat_dicts(messages))
+        prompt_param = "messages"
+    else:
+        prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt)
+        prompt_param = "prompt"
+    context = engine.context_window
+    room = context - len(prompt_ids)
+    if room < 1:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context} tokens; the {prompt_param} has "
+            f"{len(prompt_ids)} tokens. Shorten it.", param=prompt_param, code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = min(room, default_max_tokens or room)
+    elif max_tokens > room:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context} tokens; {len(prompt_ids)} in the "
+            f"{prompt_param} plus {max_tokens} to generate exceed it. Lower {max_tokens_param} to "
+            f"at most {room}.", param=max_tokens_param, code="context_length_exceeded",
+        )
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
+    )
+    adapter = AdapterRef(resolved.version, resolved.adapter_dir) if resolved.version else None
+    try:
+        return engine.submit(GenerationRequest(resolved.id, prompt_ids, params, adapter))
+    except EngineStopped as exc:
+        raise ServiceUnavailable(str(exc)) from exc
+
+
+def _api_error(error: Exception, model_id: str) -> APIError:
+    from app.inference.engine import EngineStopped
+
+    if isinstance(error, EngineStopped):
+        return ServiceUnavailable(str(error))
+    if "deleted" in str(error):
+        return model_not_found(model_id)
+    if isinstance(error, ValueError):  # the adapter's files were refused
+        return AdapterUnavailable(
+            f"The model '{model_id}' cannot be served: {error}", param="model", code="adapter_invalid"
+        )
+    return AdapterUnavailable(f"Generation failed: {error}", code="internal_error")
+
+
+async def _events(stream, model_id: str, first=None) -> AsyncIterator:
+    """TextDelta events, then the Completion; a Failure becomes an APIError. Cancels the request
+    in the engine if the caller stops listening (client gone)."""
+    from app.inference.engine import Completion, Failure
+
+    try:
+        event = first or await stream.get()
+        while True:
+            if isinstance(event, Failure):
+                raise _api_error(event.error, model_id)
+            yield event
+            if isinstance(event, Completion):
+                return
+            event = await stream.get()
+    finally:
+        stream.cancel()
+
+
+async def _collect(stream, model_id: str) -> tuple[str, object]:
+    from app.inference.engine import Completion
+
+    text = []
+    async for event in _events(stream, model_id):
+        if isinstance(event, Completion):
+            return "".join(text), event
+        text.append(event.text)
+    raise AssertionError("the engine ended a stream without a Completion")
+
+
+async def _first_event(stream, model_id: str):
+    """Wait for the first event so that refusals (bad adapter, deleted model) are HTTP errors
+    rather than errors inside a 200 stream."""
+    from app.inference.engine import Failure
+
+    try:
+        event = await stream.get()
+    except BaseException:
+        stream.cancel()
+        raise
+    if isinstance(event, Failure):
+        raise _api_error(event.error, model_id)
+    return event
+
+
+def _usage(done) -> Usage:
+    return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                 total_tokens=done.prompt_tokens + done.completion_tokens)
+
+
+def _sse(stream, model_id: str, first, chunks: Callable, preamble=()) -> StreamingResponse:
+    async def body():
+        for chunk in preamble:
+            yield f"data: {chunk.model_dump_json()}\n\n"
+        try:
+            async for event in _events(stream, model_id, first):
+                for chunk in chunks(event):
+                    yield f"data: {chunk.model_dump_json()}\n\n"
+        except APIError as exc:
+            yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _check_n(n: int | None) -> None:
+    if n not in (None, 1):
+        raise InvalidRequest("Only n=1 is supported.", param="n", code="invalid_value")
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request, session: SessionDep,
+                           tenant: TenantDep):
+    from app.inference.engine import Completion
+
+    _check_n(body.n)
+    max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = body.max_tokens, "max_tokens"
+    stream = await _submit(request, session, tenant, body, prompt=None, messages=body.messages,
+                           max_tokens=max_tokens, max_tokens_param=param, default_max_tokens=None)
+    meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
+    if not body.stream:
+        text, done = await _collect(stream, body.model)
+        return ChatCompletion(
+            **meta, usage=_usage(done),
+            choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done.finish_reason)],
+        )
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    first = await _first_event(stream, body.model)
+
+    def chunks(event):
+        if isinstance(event, Completion):
+            yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(
+                delta=ChunkDelta(), finish_reason=event.finish_reason)])
+            if include_usage:
+                yield ChatCompletionChunk(**meta, choices=[], usage=_usage(event))
+        else:
+            yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChunkDelta(content=event.text))])
+
+    role = ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+    return _sse(stream, body.model, first, chunks, preamble=[role])
+
+
+@router.post("/v1/completions", response_model=TextCompletion)
+async def completions(body: CompletionRequest, request: Request, session: SessionDep,
+                      tenant: TenantDep):
+    from app.inference.engine import Completion
+
+    _check_n(body.n)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidRequest("Send one prompt per request.", param="prompt")
+        prompt = prompt[0]
+    stream = await _submit(request, session, tenant, body, prompt=prompt, messages=None,
+                           max_tokens=body.max_tokens, max_tokens_param="max_tokens",
+                           default_max_tokens=DEFAULT_COMPLETION_TOKENS)
+    meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
+    if not body.stream:
+        text, done = await _collect(stream, body.model)
+        return TextCompletion(**meta, usage=_usage(done), choices=[
+            CompletionChoice(text=text, finish_reason=done.finish_reason)])
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    first = await _first_event(stream, body.model)
+
+    def chunks(event):
+        if isinstance(event, Completion):
+            yield TextCompletion(**meta, choices=[CompletionChoice(text="", finish_reason=event.finish_reason)])
+            if include_usage:
+                yield TextCompletion(**meta, choices=[], usage=_usage(event))
+        else:
+            yield TextCompletion(**meta, choices=[CompletionChoice(text=event.text)])
+
+    return _sse(stream, body.model, first, chunks)
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request, session: SessionDep, tenant: TenantDep):
+    stream = await _submit(request, session, tenant, body, prompt=body.prompt, messages=body.messages,
+                           max_tokens=body.max_new_tokens, max_tokens_param="max_new_tokens",
+                           default_max_tokens=DEFAULT_GENERATE_TOKENS)
+    text, done = await _collect(stream, body.model)
+    return GenerateResponse(model=body.model, text=text, usage=_usage(done),
+                            finish_reason=done.finish_reason)
