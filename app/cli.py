@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import typer
 
@@ -14,6 +15,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Tenants' API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+models_app = typer.Typer(help="Served models (LoRA adapters).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 def _migrated_session():
@@ -136,6 +139,31 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key id shown by 'key
             typer.echo(f"no key with id {key_id}; see 'tuneforge keys list'", err=True)
             raise typer.Exit(2)
     typer.echo(f"revoked {key_id}")
+
+
+@models_app.command("import")
+def models_import(
+    directory: Path = typer.Argument(..., help="A PEFT LoRA adapter directory (save_pretrained)."),
+    tenant: str = typer.Option(..., help="Tenant that will own the model; created if new."),
+    name: str = typer.Option(..., help="Model name: the id becomes ft:<base>:<tenant>:<name>."),
+    base: str = typer.Option(EMBEDDED_BASE_MODEL, help="The base model the adapter was trained on."),
+) -> None:
+    """Import an adapter (adapter_config.json + adapter_model.safetensors) and serve it."""
+    from app.inference.base_models import resolve_base_model
+    from app.services.adapter_files import AdapterFileError, import_adapter
+    from app.services.keys import get_or_create_tenant
+
+    settings = get_settings()
+    try:
+        with _migrated_session() as session:
+            owner = get_or_create_tenant(session, tenant)
+            row = import_adapter(session, settings, owner.id, tenant, name, directory, base,
+                                 resolve_base_model(base, settings))
+    except (AdapterFileError, OSError) as exc:
+        typer.echo(f"cannot import {directory}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"imported {row.version[:12]} as")
+    typer.echo(row.id)
 
 
 if __name__ == "__main__":
