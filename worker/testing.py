@@ -1,0 +1,89 @@
+"""Helpers for the worker's tests: tenants, files and jobs inserted straight through the ORM (as
+the API would), the environment for worker subprocesses, and polling."""
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.core.db import session_scope
+from app.core.settings import EMBEDDED_BASE_MODEL, Settings
+from app.models import File, Job, JobEvent, Tenant, new_id
+
+REPO = Path(__file__).resolve().parent.parent
+
+HYPERPARAMETERS = {
+    "n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0, "learning_rate": 2e-4,
+    "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear",
+    "max_seq_length": 256, "packing": False,
+}
+
+
+def create_tenant(name: str = "acme") -> str:
+    with session_scope() as session:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+        return tenant.id
+
+
+def create_file(settings: Settings, tenant_id: str, rows: list, file_format: str = "chat") -> str:
+    """`rows` are dicts (written as JSON) or raw strings (written as they are, to make bad lines)."""
+    file_id = new_id("file")
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    content = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    (settings.files_dir / f"{file_id}.jsonl").write_text(content)
+    with session_scope() as session:
+        session.add(File(id=file_id, tenant_id=tenant_id, filename="train.jsonl", purpose="fine-tune",
+                         bytes=len(content), sha256="0" * 64, format=file_format, examples=len(rows)))
+    return file_id
+
+
+def create_job(tenant_id: str, training_file: str, validation_file: str | None = None,
+               seed: int = 42, **hyperparameters) -> str:
+    job_id = new_id("ftjob")
+    with session_scope() as session:
+        session.add(Job(
+            id=job_id, tenant_id=tenant_id, model=EMBEDDED_BASE_MODEL, training_file=training_file,
+            validation_file=validation_file, seed=seed, hyperparameters={**HYPERPARAMETERS, **hyperparameters},
+            output_model=f"ft:{EMBEDDED_BASE_MODEL}:acme::{job_id}",
+        ))
+    return job_id
+
+
+def get_job(job_id: str) -> Job:
+    with session_scope() as session:
+        return session.get(Job, job_id)
+
+
+def update_job(job_id: str, **values) -> None:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        for name, value in values.items():
+            setattr(job, name, value)
+
+
+def events(job_id: str) -> list[JobEvent]:
+    with session_scope() as session:
+        return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def metric_steps(job_id: str) -> list[int]:
+    return [e.data["step"] for e in events(job_id) if e.data and "train_loss" in e.data]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, message: str = "condition", interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+def worker_env(**overrides) -> dict:
+    """The test's environment (TUNEFORGE_* set by the settings fixture) plus overrides."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in overrides.items()}}
