@@ -1,6 +1,7 @@
 """Test adapters for the inference engine: PEFT-format LoRA weights with a fixed seed (B nonzero so
 outputs differ from the base), published to the artifact store with a Model row."""
 import json
+import secrets
 import shutil
 from pathlib import Path
 
@@ -8,11 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 from app.core.artifacts import publish_dir, sha256_file, temp_sibling
-from app.core.db import session_scope
+from sqlalchemy.orm import Session
+
+from app.core.db import make_engine
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 from app.models import Model
 from app.services.adapter_files import PEFT_PREFIX, base_linear_shapes
-from app.services.keys import get_or_create_tenant
+from app.services.keys import create_key, get_or_create_tenant
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
@@ -45,7 +48,7 @@ def publish_test_adapter(
 ) -> Model:
     """Publish a seeded adapter to adapters/<sha256>/ and point `model_id` of the tenant at it."""
     base_dir = settings.base_models_dir / EMBEDDED_BASE_MODEL
-    staging = settings.data_dir / "staging" / f"{seed}-{kw.get('rank', 8)}"
+    staging = settings.data_dir / "staging" / secrets.token_hex(4)
     write_peft_adapter(staging, base_dir, seed, **kw)
     version = sha256_file(staging / "adapter_model.safetensors")
     final = settings.adapters_dir / version
@@ -55,9 +58,22 @@ def publish_test_adapter(
             shutil.copyfile(staging / name, tmp / name)
         (tmp / "manifest.json").write_text(json.dumps({"sha256": version, "base_model": EMBEDDED_BASE_MODEL}))
         publish_dir(tmp, final)
-    with session_scope() as session:
-        tenant = get_or_create_tenant(session, tenant_name)
-        row = Model(id=model_id, tenant_id=tenant.id, base_model=EMBEDDED_BASE_MODEL, kind=kind,
-                    version=version, path=str(final.relative_to(settings.data_dir)))
-        session.add(row)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            tenant = get_or_create_tenant(session, tenant_name)
+            row = Model(id=model_id, tenant_id=tenant.id, base_model=EMBEDDED_BASE_MODEL,
+                        kind=kind, version=version, path=str(final.relative_to(settings.data_dir)))
+            session.add(row)
+    finally:
+        engine.dispose()
     return row
+
+
+def create_test_key(settings: Settings, tenant_name: str) -> str:
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with Session(engine) as session, session.begin():
+            return create_key(session, tenant_name)[1]
+    finally:
+        engine.dispose()
