@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-
-from app.core.artifacts import publish_dir, sha256_file, temp_sibling
 from sqlalchemy.orm import Session
 
+from app.core.artifacts import publish_dir, sha256_file, temp_sibling
 from app.core.db import make_engine
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 from app.models import Model
@@ -43,10 +42,8 @@ def write_peft_adapter(
     return directory
 
 
-def publish_test_adapter(
-    settings: Settings, tenant_name: str, model_id: str, seed: int, kind: str = "fine_tune", **kw,
-) -> Model:
-    """Publish a seeded adapter to adapters/<sha256>/ and point `model_id` of the tenant at it."""
+def publish_adapter_files(settings: Settings, seed: int, **kw) -> Path:
+    """A seeded adapter in the artifact store, adapters/<sha256>/ with its manifest."""
     base_dir = settings.base_models_dir / EMBEDDED_BASE_MODEL
     staging = settings.data_dir / "staging" / secrets.token_hex(4)
     write_peft_adapter(staging, base_dir, seed, **kw)
@@ -58,6 +55,16 @@ def publish_test_adapter(
             shutil.copyfile(staging / name, tmp / name)
         (tmp / "manifest.json").write_text(json.dumps({"sha256": version, "base_model": EMBEDDED_BASE_MODEL}))
         publish_dir(tmp, final)
+    shutil.rmtree(staging)
+    return final
+
+
+def publish_test_adapter(
+    settings: Settings, tenant_name: str, model_id: str, seed: int, kind: str = "fine_tune", **kw,
+) -> Model:
+    """Publish a seeded adapter and point `model_id` of the tenant at it."""
+    final = publish_adapter_files(settings, seed, **kw)
+    version = final.name
     engine = make_engine(settings.resolved_database_url)
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():

@@ -24,8 +24,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from app.core.metrics import (
-    GPU_MEMORY_BYTES, INFERENCE_REQUESTS, INFERENCE_RUNNING, INFERENCE_WAITING,
-    TIME_TO_FIRST_TOKEN, TOKENS_GENERATED,
+    GPU_MEMORY_BYTES,
+    INFERENCE_REQUESTS,
+    INFERENCE_RUNNING,
+    INFERENCE_WAITING,
+    TIME_TO_FIRST_TOKEN,
+    TOKENS_GENERATED,
 )
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 from app.inference.adapters import AdapterLoader, AdapterRef, AdapterTiers
@@ -199,7 +203,7 @@ class Engine:
             while not self._stopping:
                 try:
                     self._turn()
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                except Exception as exc:
                     log.exception("inference step failed")
                     self._fail_all(exc)
         self._drain_commands()

@@ -150,7 +150,7 @@ def test_sixteen_concurrent_requests_over_four_adapters_and_base_match_solo_runs
     for body, alone, batched in zip(requests, solo, together):
         assert batched == alone, body
     # The adapters really change the output (the test would prove nothing otherwise).
-    assert len({solo[i][0] for i in range(0, 5)} | {solo[i][0] for i in range(5, 10)}) > 2
+    assert len({solo[i][0] for i in range(5)} | {solo[i][0] for i in range(5, 10)}) > 2
 
 
 @pytest.mark.parametrize("path, body, param", [

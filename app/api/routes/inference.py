@@ -15,9 +15,21 @@ from app.api.deps import SessionDep, TenantDep
 from app.core.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
 from app.core.settings import get_settings
 from app.schemas import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-    ChatCompletionRequest, ChatMessage, ChunkDelta, CompletionChoice, CompletionRequest,
-    GenerateRequest, GenerateResponse, SamplingFields, TextCompletion, Usage,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChunkDelta,
+    CompletionChoice,
+    CompletionRequest,
+    GenerateRequest,
+    GenerateResponse,
+    SamplingFields,
+    TextCompletion,
+    Usage,
 )
 from app.services.models import model_not_found, resolve_model
 
