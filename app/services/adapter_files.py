@@ -14,6 +14,8 @@ from app.core.settings import Settings
 from app.models import Model
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# peft's save_pretrained writes a model card too; it is left behind, never copied.
+IGNORED_FILES = ("README.md",)
 PEFT_PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -134,7 +136,7 @@ def import_adapter(
 ) -> Model:
     """Copy a PEFT adapter directory into adapters/<sha256>/ and register the model id
     ft:<base>:<tenant>:<name> (kind 'import')."""
-    extra = sorted(p.name for p in source.iterdir() if p.name not in ADAPTER_FILES)
+    extra = sorted(p.name for p in source.iterdir() if p.name not in ADAPTER_FILES + IGNORED_FILES)
     if extra:
         raise AdapterFileError(f"unexpected files in the adapter directory: {', '.join(extra)}")
     check_adapter_dir(source, base_dir)
