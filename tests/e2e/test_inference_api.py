@@ -10,8 +10,8 @@ from transformers import AutoTokenizer
 
 from app.core.migrate import upgrade
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
-from tests.conftest import link_base_model, running_api
-from tests.inference_support import create_test_key, publish_test_adapter
+from tests.conftest import link_base_model, running_api, tuneforge
+from tests.inference_support import create_test_key, publish_test_adapter, write_peft_adapter
 
 BASE = EMBEDDED_BASE_MODEL
 ADAPTERS = {f"ft:{BASE}:acme:a{i}": seed for i, seed in enumerate((11, 22, 33, 44), start=1)}
@@ -46,7 +46,7 @@ def server(tmp_path_factory, base_model_dir):
     weights = data_dir / corrupt.path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with running_api(env) as url:
-        yield {"url": url, "keys": keys, "settings": settings}
+        yield {"url": url, "keys": keys, "settings": settings, "env": env}
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,23 @@ def test_deleted_model_is_404_and_a_recreated_id_serves_the_new_weights(server):
     new = chat_text(server, model_id, PROMPTS[3], max_tokens=12)
     assert new == chat_text(server, f"ft:{BASE}:acme:reference", PROMPTS[3], max_tokens=12)
     assert new != old
+
+
+def test_imported_adapters_and_checkpoints_are_served_and_counted(server, tmp_path, base_model_dir):
+    directory = write_peft_adapter(tmp_path / "mine", base_model_dir, seed=77)
+    imported = tuneforge("models", "import", "--tenant", "acme", "--name", "imported", str(directory),
+                         env=server["env"]).stdout.strip().splitlines()[-1]
+    checkpoint = f"{A1}:ckpt-step-10"
+    publish_test_adapter(server["settings"], "acme", checkpoint, 88, kind="checkpoint")
+    listed = httpx.get(f"{server['url']}/v1/models", headers=_headers(server), timeout=30).json()
+    assert {imported, checkpoint} <= {m["id"] for m in listed["data"]}
+    outputs = {chat_text(server, model, PROMPTS[0]) for model in (imported, checkpoint, A1)}
+    assert len(outputs) == 3
+    text = httpx.get(f"{server['url']}/metrics", timeout=10).text
+    assert f'tuneforge_tokens_generated_total{{model="{imported}"}}' in text
+    for name in ("tuneforge_time_to_first_token_seconds_bucket", "tuneforge_inference_queue_depth",
+                 'tuneforge_resident_adapters{tier="gpu"}', "tuneforge_adapter_load_seconds_count"):
+        assert name in text
 
 
 def _metric(server, name: str) -> float:
