@@ -15,7 +15,13 @@ from safetensors.torch import load_file
 
 from app.core.metrics import ADAPTER_LOAD_SECONDS, RESIDENT_ADAPTERS
 from app.inference.lora import AdapterPool
-from app.services.adapter_files import PEFT_PREFIX, AdapterFileError, check_adapter_dir, verify_manifest
+from app.services.adapter_files import (
+    PEFT_PREFIX,
+    AdapterFileError,
+    AdapterGone,
+    check_adapter_dir,
+    verify_manifest,
+)
 
 # Test hook: seconds each disk load sleeps, to show that loads never stall other requests.
 LOAD_DELAY_ENV = "TUNEFORGE_TEST_ADAPTER_LOAD_DELAY_S"
@@ -32,7 +38,7 @@ class AdapterRef:
 def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:
     """Verified weights of one adapter on the CPU: module name -> (A, B, scale)."""
     if not ref.adapter_dir.is_dir():
-        raise AdapterFileError("the adapter's files are gone (the model was deleted)")
+        raise AdapterGone("the adapter's files are gone (the model was deleted)")
     verify_manifest(ref.adapter_dir, ref.version)
     specs = check_adapter_dir(ref.adapter_dir, base_dir)
     tensors = load_file(ref.adapter_dir / "adapter_model.safetensors", device="cpu")

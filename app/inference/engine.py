@@ -36,7 +36,7 @@ from app.inference.adapters import AdapterLoader, AdapterRef, AdapterTiers
 from app.inference.base_models import resolve_base_model
 from app.inference.lora import AdapterPool
 from app.inference.sampling import SamplingParams, TextTracker, make_generator, sample_token
-from app.services.adapter_files import AdapterFileError
+from app.services.adapter_files import AdapterGone
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class Engine:
                 self.tiers.unload(arg)
                 self._fail_waiting(
                     lambda s, v=arg: s.request.adapter and s.request.adapter.version == v,
-                    AdapterFileError("the model was deleted"),
+                    AdapterGone("the model was deleted"),
                 )
 
     def _admit(self) -> list[Sequence]:

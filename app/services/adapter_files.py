@@ -24,6 +24,10 @@ class AdapterFileError(ValueError):
     """The adapter directory cannot be served; the message says why."""
 
 
+class AdapterGone(AdapterFileError):
+    """The adapter was deleted (its model id, or its files) while a request wanted it."""
+
+
 @dataclass(frozen=True)
 class LoraModuleSpec:
     rank: int

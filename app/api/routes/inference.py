@@ -31,6 +31,7 @@ from app.schemas import (
     TextCompletion,
     Usage,
 )
+from app.services.adapter_files import AdapterFileError, AdapterGone
 from app.services.models import model_not_found, resolve_model
 
 router = APIRouter(tags=["inference"])
@@ -114,9 +115,9 @@ def _api_error(error: Exception, model_id: str) -> APIError:
 
     if isinstance(error, EngineStopped):
         return ServiceUnavailable(str(error))
-    if "deleted" in str(error):
+    if isinstance(error, AdapterGone):
         return model_not_found(model_id)
-    if isinstance(error, ValueError):  # the adapter's files were refused
+    if isinstance(error, AdapterFileError):
         return AdapterUnavailable(
             f"The model '{model_id}' cannot be served: {error}", param="model", code="adapter_invalid"
         )
