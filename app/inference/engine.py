@@ -214,7 +214,7 @@ class Engine:
         self._drain_commands()
         for version, error in self.tiers.finished_loads():
             if error is not None:
-                self._fail_waiting(lambda s, v=version: s.request.adapter and s.request.adapter.version == v, error)
+                self._fail_waiting_for(version, error)
         admitted = self._admit()
         self.prefilling = list(admitted)
         while self.prefilling:
@@ -240,10 +240,7 @@ class Engine:
                 self.waiting.append(arg)
             elif command == "unload":
                 self.tiers.unload(arg)
-                self._fail_waiting(
-                    lambda s, v=arg: s.request.adapter and s.request.adapter.version == v,
-                    AdapterGone("the model was deleted"),
-                )
+                self._fail_waiting_for(arg, AdapterGone("the model was deleted"))
 
     def _admit(self) -> list[Sequence]:
         admitted, still_waiting = [], []
@@ -360,10 +357,10 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         self.tiers.release(seq.slot)
 
-    def _fail_waiting(self, matches, error: Exception) -> None:
+    def _fail_waiting_for(self, version: str, error: Exception) -> None:
         keep = []
         for seq in self.waiting:
-            if matches(seq):
+            if seq.request.adapter is not None and seq.request.adapter.version == version:
                 seq.stream.put(Failure(error))
                 self._finish_metrics(seq, "failed")
             else:
