@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.core.artifacts import sha256_file
@@ -59,7 +59,13 @@ async def generate(engine, prompt, ref=None, max_tokens=8, on_token=None):
 
 def test_pooled_lora_equals_peft_mixed_adapter_batch(base_model_dir, tmp_path):
     """PEFT's adapter_names= mixed batch is the reference for the stacked-pool math."""
-    first = write_peft_adapter(tmp_path / "first", base_model_dir, seed=5, rank=4)
+    # One adapter as peft itself saves it (all linear layers, rsLoRA), one from the test writer.
+    torch.manual_seed(5)
+    saved = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model_dir), LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    first = tmp_path / "first"
+    saved.save_pretrained(first, safe_serialization=True)
     second = write_peft_adapter(tmp_path / "second", base_model_dir, seed=6, rank=8, alpha=8,
                                 targets=("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"))
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
