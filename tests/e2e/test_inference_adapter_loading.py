@@ -12,7 +12,7 @@ from app.inference.adapters import LOAD_DELAY_ENV
 from tests.conftest import link_base_model, running_api
 from tests.inference_support import create_test_key, publish_test_adapter
 
-LOAD_DELAY_S = 4.0
+LOAD_DELAY_S = 6.0
 RESIDENT = f"ft:{EMBEDDED_BASE_MODEL}:acme:resident"
 COLD = f"ft:{EMBEDDED_BASE_MODEL}:acme:cold"
 
