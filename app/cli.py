@@ -63,8 +63,10 @@ def worker() -> None:
 def _prepare_base_model() -> None:
     from app.inference.base_models import resolve_base_model
 
-    typer.echo(f"preparing base model {EMBEDDED_BASE_MODEL} (first run only: about 30 s)")
-    resolve_base_model(EMBEDDED_BASE_MODEL, get_settings())
+    settings = get_settings()
+    if settings.serve_base_model == EMBEDDED_BASE_MODEL:
+        typer.echo(f"preparing base model {EMBEDDED_BASE_MODEL} (first run only: about 30 s)")
+    resolve_base_model(settings.serve_base_model, settings)
 
 
 @app.command()
@@ -146,7 +148,8 @@ def models_import(
     directory: Path = typer.Argument(..., help="A PEFT LoRA adapter directory (save_pretrained)."),
     tenant: str = typer.Option(..., help="Tenant that will own the model; created if new."),
     name: str = typer.Option(..., help="Model name: the id becomes ft:<base>:<tenant>:<name>."),
-    base: str = typer.Option(EMBEDDED_BASE_MODEL, help="The base model the adapter was trained on."),
+    base: str = typer.Option(None, help="The base model the adapter was trained on "
+                                        "(default: the served one, TUNEFORGE_SERVE_BASE_MODEL)."),
 ) -> None:
     """Import an adapter (adapter_config.json + adapter_model.safetensors) and serve it."""
     from app.inference.base_models import resolve_base_model
@@ -154,6 +157,7 @@ def models_import(
     from app.services.keys import get_or_create_tenant
 
     settings = get_settings()
+    base = base or settings.serve_base_model
     try:
         with _migrated_session() as session:
             owner = get_or_create_tenant(session, tenant)

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
 
     # Extra base models: name -> local Hugging Face checkpoint directory (JSON in the environment).
     base_models: dict[str, Path] = Field(default_factory=dict)
+    # The base model the inference engine keeps resident (the embedded one or a base_models name).
+    serve_base_model: str = EMBEDDED_BASE_MODEL
 
     max_upload_bytes: int = 512 * 1024 * 1024
     # Worker: lease and retry policy.

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.core.metrics import ADAPTER_LOAD_SECONDS, RESIDENT_ADAPTERS
-from app.inference.lora import AdapterPool
+from app.inference.lora import AdapterPool, stage_weights
 from app.services.adapter_files import (
     PEFT_PREFIX,
     AdapterFileError,
@@ -53,9 +53,11 @@ def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:
 class AdapterLoader:
     """One thread reading adapters from disk; results are picked up by the engine thread."""
 
-    def __init__(self, base_dir: Path, on_result):
+    def __init__(self, base_dir: Path, on_result, dtype: torch.dtype = torch.float32, pin: bool = False):
         self.base_dir = base_dir
         self.on_result = on_result
+        self.dtype = dtype
+        self.pin = pin
         self.requests: queue.Queue[AdapterRef | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="adapter-loader", daemon=True)
 
@@ -73,7 +75,7 @@ class AdapterLoader:
                 delay = float(os.environ.get(LOAD_DELAY_ENV, "0") or 0)
                 if delay:
                     time.sleep(delay)
-                result = load_adapter_weights(ref, self.base_dir)
+                result = stage_weights(load_adapter_weights(ref, self.base_dir), self.dtype, self.pin)
                 ADAPTER_LOAD_SECONDS.observe(time.perf_counter() - started)
             except AdapterFileError as exc:
                 result = exc

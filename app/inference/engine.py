@@ -4,13 +4,10 @@ mixed-adapter batch.
 HTTP handlers `submit` a request and read its events from a `ResultStream` (an asyncio queue fed
 thread-safely), so the event loop never waits on torch. Each loop turn the engine thread admits
 waiting requests whose adapter sits in a pool slot (loads run on the loader thread meanwhile),
-prefills each newcomer alone (batch of one, no padding), merges it into the running batch, then
-runs one decode step for every running sequence at once.
-
-The running batch shares one KV cache, left-padded to its longest sequence: an attention mask
-hides the padding and explicit position ids keep each row's positions its own, so a row computes
-the same thing whether it runs alone or next to others. Rows join and leave between decode
-steps; a leaving row is cut out and all-padding columns are trimmed."""
+prefills the newcomers together, appends them to the running batch, then runs one decode step for
+every running sequence at once (`BatchDecoder`: a preallocated KV cache, one row per sequence at
+its own positions, so a row computes the same thing alone or next to others; on CUDA the decode
+step is a replayed CUDA graph). Greedy tokens come back for the whole batch in one transfer."""
 import asyncio
 import logging
 import queue
@@ -20,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.core.metrics import (
     GPU_MEMORY_BYTES,
@@ -31,9 +27,10 @@ from app.core.metrics import (
     TIME_TO_FIRST_TOKEN,
     TOKENS_GENERATED,
 )
-from app.core.settings import EMBEDDED_BASE_MODEL, Settings
+from app.core.settings import Settings
 from app.inference.adapters import AdapterLoader, AdapterRef, AdapterTiers
 from app.inference.base_models import resolve_base_model
+from app.inference.decoder import PREFILL_TOKENS, BatchDecoder
 from app.inference.lora import AdapterPool
 from app.inference.sampling import SamplingParams, TextTracker, make_generator, sample_token
 from app.services.adapter_files import AdapterGone
@@ -113,10 +110,10 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, settings: Settings, base_model: str = EMBEDDED_BASE_MODEL):
+    def __init__(self, settings: Settings, base_model: str | None = None):
         self.settings = settings
-        self.base_model = base_model
-        self.base_dir: Path = resolve_base_model(base_model, settings)
+        self.base_model = base_model or settings.serve_base_model
+        self.base_dir: Path = resolve_base_model(self.base_model, settings)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         self.device = torch.device(
             "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
@@ -128,15 +125,14 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
-        self.loader = AdapterLoader(self.base_dir, self._on_adapter_loaded)
+        self.loader = AdapterLoader(self.base_dir, self._on_adapter_loaded, self.dtype,
+                                    pin=self.device.type == "cuda")
         self.tiers: AdapterTiers | None = None
         self.context_window = settings.max_context_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         # Admitted, not yet in the batch (failed with the batch if a forward pass raises).
         self.prefilling: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
 
     # --- Any thread ---
 
@@ -191,6 +187,7 @@ class Engine:
         self.context_window = min(
             self.settings.max_context_tokens, self.model.config.max_position_embeddings
         )
+        self.decoder = BatchDecoder(self.model, pool, self.settings.max_batch_size, self.context_window)
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
@@ -217,9 +214,8 @@ class Engine:
                 self._fail_waiting_for(version, error)
         admitted = self._admit()
         self.prefilling = list(admitted)
-        while self.prefilling:
-            self._prefill(self.prefilling[0])
-            self.prefilling.pop(0)
+        if self.prefilling:
+            self._prefill_all()
         self._drop_cancelled()
         INFERENCE_WAITING.set(len(self.waiting))
         INFERENCE_RUNNING.set(len(self.running))
@@ -260,42 +256,56 @@ class Engine:
         self.waiting = still_waiting
         return admitted
 
-    def _prefill(self, seq: Sequence) -> None:
-        seq.generator = make_generator(seq.request.params)
-        seq.tracker = TextTracker(seq.request.params.stop)
-        ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-        cache = DynamicCache()
-        self.tiers.pool.rows.set([seq.slot])
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        seq.length = ids.shape[1]
-        TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(time.monotonic() - seq.submitted_at)
-        if self._accept_token(seq, out.logits[0, -1]):
-            self._release(seq)
-            return
-        self._join_batch(seq, out.past_key_values)
+    def _prefill_all(self) -> None:
+        """Prefill this turn's newcomers in batches (one forward pass each) and append them to the
+        running batch; rows run, in order, n.. for the newcomers."""
+        batch: list[Sequence] = []
+        longest = 0
+        for seq in list(self.prefilling):
+            longest = max(longest, len(seq.request.prompt_ids))
+            if batch and longest * (len(batch) + 1) > PREFILL_TOKENS:
+                self._prefill(batch)
+                batch, longest = [], len(seq.request.prompt_ids)
+            batch.append(seq)
+        if batch:
+            self._prefill(batch)
+
+    def _prefill(self, batch: list[Sequence]) -> None:
+        for seq in batch:
+            seq.generator = make_generator(seq.request.params)
+            seq.tracker = TextTracker(seq.request.params.stop)
+            seq.length = len(seq.request.prompt_ids)
+        logits, greedy = self.decoder.prefill(
+            len(self.running), [s.request.prompt_ids for s in batch], [s.slot for s in batch])
+        greedy = greedy.tolist()
+        now = time.monotonic()
+        first = len(self.running)
+        self.running.extend(batch)
+        for seq in batch:
+            self.prefilling.remove(seq)
+        finished = []
+        for i, seq in enumerate(batch):
+            TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(now - seq.submitted_at)
+            if self._accept_token(seq, logits[i], greedy[i]):
+                finished.append(first + i)
+        self._remove_rows(finished)
 
     def _decode_step(self) -> None:
-        tokens = torch.tensor([[s.generated[-1]] for s in self.running], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=1)
-        positions = torch.tensor([[s.length] for s in self.running], device=self.device)
-        self.tiers.pool.rows.set([s.slot for s in self.running])
-        out = self.model(
-            input_ids=tokens, attention_mask=self._mask, position_ids=positions,
-            past_key_values=self._cache, use_cache=True, logits_to_keep=1,
-        )
-        self._cache = out.past_key_values
-        logits = out.logits[:, -1]
+        logits, greedy = self.decoder.decode(
+            [s.generated[-1] for s in self.running], [s.length for s in self.running],
+            [s.slot for s in self.running])
+        greedy = greedy.tolist()
         finished = []
         for row, seq in enumerate(self.running):
             seq.length += 1
-            if self._accept_token(seq, logits[row]):
+            if self._accept_token(seq, logits[row], greedy[row]):
                 finished.append(row)
         self._remove_rows(finished)
 
-    def _accept_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
+    def _accept_token(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> bool:
         """Record one sampled token and send its text; True when the sequence is finished."""
         params = seq.request.params
-        token = sample_token(logits, params, seq.generator)
+        token = greedy if params.greedy else sample_token(logits, params, seq.generator)
         seq.generated.append(token)
         TOKENS_GENERATED.labels(seq.request.model).inc()
         is_eos = token in self.eos_ids
@@ -312,41 +322,17 @@ class Engine:
         self._finish_metrics(seq, "completed")
         return True
 
-    def _join_batch(self, seq: Sequence, cache: DynamicCache) -> None:
-        new_mask = torch.ones(1, seq.length, dtype=torch.long, device=self.device)
-        if not self.running:
-            self._cache, self._mask, self.running = cache, new_mask, [seq]
-            return
-        width = max(self._mask.shape[1], seq.length)
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers):
-            layers.append((
-                torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
-                torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
-            ))
-        self._cache = DynamicCache(ddp_cache_data=layers)
-        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(new_mask, width)])
-        self.running.append(seq)
-
     def _remove_rows(self, rows: list[int]) -> None:
         if not rows:
             return
         for row in rows:
             self._release(self.running[row])
-        keep = [i for i in range(len(self.running)) if i not in set(rows)]
+        gone = set(rows)
+        keep = [i for i in range(len(self.running)) if i not in gone]
+        columns = max(s.length + 1 for s in self.running)
         self.running = [self.running[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = None
-            return
-        index = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, index)
-        # Columns that are padding for every remaining row can go.
-        start = int(mask.any(dim=0).nonzero()[0])
-        self._mask = mask[:, start:]
-        self._cache = DynamicCache(ddp_cache_data=[
-            (layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
-            for layer in self._cache.layers
-        ])
+        if keep:
+            self.decoder.compact(keep, columns)
 
     def _drop_cancelled(self) -> None:
         rows = [i for i, s in enumerate(self.running) if s.stream.cancelled]
@@ -374,14 +360,6 @@ class Engine:
             seq.stream.put(Failure(error))
             self._finish_metrics(seq, "failed")
         self.running, self.prefilling, self.waiting = [], [], []
-        self._cache = self._mask = None
 
     def _finish_metrics(self, seq: Sequence, outcome: str) -> None:
         INFERENCE_REQUESTS.labels(seq.request.model, outcome).inc()
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad the sequence dimension (-2 for KV tensors (b, h, seq, d), -1 for masks) on the left."""
-    if tensor.dim() == 2:
-        return F.pad(tensor, (width - tensor.shape[1], 0))
-    return F.pad(tensor, (0, 0, width - tensor.shape[2], 0))

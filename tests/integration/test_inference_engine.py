@@ -179,3 +179,29 @@ def test_unload_during_a_request_lets_it_finish_then_frees_the_slot(engine, sett
         assert ref.version not in str(engine.resident_adapters())
 
     asyncio.run(scenario())
+
+
+def test_engine_greedy_tokens_equal_peft_generate_for_every_adapter(engine, settings, base_model_dir):
+    """The engine's own path (batched prefill, pooled LoRA, decode over the preallocated cache)
+    against plain PEFT generate, one adapter at a time, while all run together in one batch."""
+    refs = [None, adapter(settings, 61, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                 "up_proj", "down_proj")),
+            adapter(settings, 62, rank=4, alpha=8)]
+    prompts = ["The weather today is", LONG_PROMPT, "Once upon a time"]
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    expected = []
+    for ref, prompt in zip(refs, prompts):
+        model = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+        if ref is not None:
+            model = PeftModel.from_pretrained(model, ref.adapter_dir)
+        ids = torch.tensor([engine.encode_prompt(prompt)])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False)
+        expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+    async def scenario():
+        return await asyncio.gather(*(generate(engine, p, r, max_tokens=12) for r, p in zip(refs, prompts)))
+
+    assert asyncio.run(scenario()) == expected
+    assert len(set(expected)) == 3
