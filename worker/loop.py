@@ -245,10 +245,10 @@ def _record_lost(sessions: sessionmaker[Session], job: ClaimedJob) -> None:
     log.info("job %s attempt %s: no longer ours, stopped", job.id, job.attempt)
 
 
-def _fail(fence: Fence, error: dict) -> None:
+def _fail(fence: Fence, error: dict, **job_values) -> None:
     try:
         fence.event(f"Job failed: {error['message']}", level="error", data={"error": error},
-                    status=JobStatus.failed, error=error, finished_at=now(), lease_expires_at=None)
+                    status=JobStatus.failed, error=error, finished_at=now(), lease_expires_at=None, **job_values)
     except JobLost:
         pass
 
@@ -259,7 +259,8 @@ def _retry_or_fail(settings: Settings, fence: Fence, job: ClaimedJob, exc: Excep
     cause = f"{type(exc).__name__}: {exc}"
     if policy.exhausted(failures):
         _fail(fence, {"code": "infrastructure_error",
-                      "message": f"Training failed {failures} times; last cause: {cause}", "param": None})
+                      "message": f"Training failed {failures} times; last cause: {cause}", "param": None},
+              infra_failures=failures)
         return
     delay = policy.delay(failures)
     try:

@@ -2,8 +2,11 @@
 the API would), the environment for worker subprocesses, and polling."""
 import json
 import os
+import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import select
@@ -87,3 +90,34 @@ def wait_for(predicate: Callable[[], object], timeout: float, message: str = "co
 def worker_env(**overrides) -> dict:
     """The test's environment (TUNEFORGE_* set by the settings fixture) plus overrides."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in overrides.items()}}
+
+
+@contextmanager
+def worker_thread(settings: Settings, **overrides) -> Iterator[threading.Event]:
+    """run_worker in a thread of the test process; stopped (like SIGTERM) on exit."""
+    from worker.loop import run_worker
+
+    stop = threading.Event()
+    thread = threading.Thread(target=run_worker, args=(settings.model_copy(update=overrides), stop), daemon=True)
+    thread.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the worker did not stop"
+
+
+def start_worker_process(log_path: Path, **env) -> subprocess.Popen:
+    """`python -m worker` with the test's settings plus TUNEFORGE_* overrides."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), "-m", "worker"], cwd=REPO,
+                                env=worker_env(**env), stdout=log, stderr=subprocess.STDOUT)
+
+
+def quick_lease(**env) -> dict:
+    """Worker settings for tests: short lease and heartbeat, fast polling."""
+    return {"TUNEFORGE_LEASE_SECONDS": 3, "TUNEFORGE_HEARTBEAT_SECONDS": 0.3, "TUNEFORGE_POLL_SECONDS": 0.2, **env}
+
+
+ARITHMETIC = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(1, 5) for b in range(1, 5)]
