@@ -8,8 +8,9 @@ engine's order); a finished row is closed up by copying the later rows down.
 A decode step has static shapes once the batch is rounded up to a power of two (spare rows
 decode a dummy token into spare cache rows) and the attended columns to a power of two, so on
 CUDA each (batch, columns) bucket is captured once as a CUDA graph and replayed: one launch per
-step instead of thousands of small ones. Prefill runs eagerly, every newcomer of a turn in one
-batch (right-padded; causal attention keeps the padding out of the real tokens).
+step instead of thousands of small ones. Prefill takes every newcomer of a turn in one batch
+(right-padded; causal attention keeps the padding out of the real tokens), also bucketed and
+replayed as a graph up to PREFILL_GRAPH_TOKENS tokens.
 
 Built from the model's own modules (norms, projections with their pooled LoRA, MLP, rotary
 tables, head), so any Llama-style decoder (llama, mistral, qwen2) is served."""
@@ -27,6 +28,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Prefill batches hold at most this many (padded) tokens; more newcomers go in further batches.
 PREFILL_TOKENS = 8192
 MIN_COLUMNS = 128
+# Prefill batches up to this many (padded) tokens run as CUDA graphs; larger ones eagerly.
+PREFILL_GRAPH_TOKENS = 4096
 
 
 class UnsupportedModel(ValueError):
@@ -79,14 +82,16 @@ class BatchDecoder:
         self.max_rows = _pow2(max_rows)
         self.context_window = context_window
         # Rotary tables for every position, computed by the model's own rotary module.
-        positions = torch.arange(context_window, device=self.device)[None]
+        self.arange = torch.arange(_pow2(context_window), device=self.device)
+        positions = self.arange[None]
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = self.body.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]
         self.use_graphs = self.device.type == "cuda"
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_key = None
         self._graph_pool = None
+        self._prefill_inputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.rows = 0
         self.columns = 0
         self.k = self.v = None
@@ -99,12 +104,13 @@ class BatchDecoder:
         columns = max(self.columns, min(_pow2(max(columns, MIN_COLUMNS)), _pow2(self.context_window)))
         if (rows, columns) == (self.rows, self.columns):
             return
-        shape = (self.num_layers, rows, self.num_kv_heads, columns, self.head_dim)
+        # One more row than the batch can use: the scratch row that prefill padding writes into.
+        shape = (self.num_layers, rows + 1, self.num_kv_heads, columns, self.head_dim)
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.k is not None:
-            k[:, : self.rows, :, : self.columns] = self.k
-            v[:, : self.rows, :, : self.columns] = self.v
+            k[:, : self.rows, :, : self.columns] = self.k[:, : self.rows]
+            v[:, : self.rows, :, : self.columns] = self.v[:, : self.rows]
         self.k, self.v, self.rows, self.columns = k, v, rows, columns
         self.tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -172,19 +178,35 @@ class BatchDecoder:
 
     def prefill(self, first_row: int, prompts: list[list[int]], slots: list[int]):
         """Write the prompts' KV into rows first_row.. and return (logits, greedy tokens) of their
-        last positions, one row per prompt."""
-        longest = max(len(p) for p in prompts)
-        self._grow(first_row + len(prompts), longest + 1)
-        tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
+        last positions, one row per prompt. The batch is padded to a power of two (spare entries
+        write into the scratch row) and the length to a power of two, at least 16."""
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        batch, length = _pow2(n), max(16, _pow2(longest))
+        self._grow(first_row + n, length)
+        inputs = self._prefill_inputs.get((batch, length))
+        if inputs is None:
+            inputs = (torch.zeros(batch, length, dtype=torch.long, device=self.device),
+                      torch.zeros(batch, dtype=torch.long, device=self.device),
+                      torch.zeros(batch, dtype=torch.long, device=self.device))
+            self._prefill_inputs[(batch, length)] = inputs
+        tokens = torch.zeros(batch, length, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(prompt)
-        tokens = tokens.to(self.device)
-        positions = torch.arange(longest, device=self.device).expand(len(prompts), -1)
-        rows = torch.arange(first_row, first_row + len(prompts), device=self.device)
-        self.pool.rows.set(slots)
+        rows = list(range(first_row, first_row + n)) + [self.rows] * (batch - n)
+        last = [len(p) - 1 for p in prompts] + [0] * (batch - n)
+        inputs[0].copy_(tokens, non_blocking=True)
+        inputs[1].copy_(torch.tensor(rows), non_blocking=True)
+        inputs[2].copy_(torch.tensor(last), non_blocking=True)
+        self.pool.rows.set(slots + [0] * (batch - n))
+        graph = batch * length <= PREFILL_GRAPH_TOKENS
+        logits, greedy = self._run(("prefill", batch, length), lambda: self._prefill_static(*inputs), graph)
+        return logits[:n], greedy[:n]
+
+    def _prefill_static(self, tokens, rows, last):
+        batch, length = tokens.shape
+        positions = self.arange[:length].expand(batch, -1)
         hidden = self._forward(tokens, positions, rows, None)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._head(hidden[torch.arange(len(prompts), device=self.device), last])
+        return self._head(hidden[self.arange[:batch], last])
 
     def decode(self, tokens: list[int], positions: list[int], slots: list[int]):
         """One step for rows 0..n-1: token i sits at position positions[i] of row i. Returns
@@ -197,10 +219,7 @@ class BatchDecoder:
         self.tokens[:batch].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
         self.positions[:batch].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.pool.rows.set(slots + [0] * pad)
-        if not self.use_graphs:
-            logits, greedy = self._decode_static(batch, columns)
-        else:
-            logits, greedy = self._replay(batch, columns)
+        logits, greedy = self._run(("decode", batch, columns), lambda: self._decode_static(batch, columns))
         return logits[:n], greedy[:n]
 
     def _decode_static(self, batch: int, columns: int):
@@ -208,33 +227,37 @@ class BatchDecoder:
                                self.row_ids[:batch], columns)
         return self._head(hidden[:, 0])
 
-    def _replay(self, batch: int, columns: int):
-        key = (self.rows, self.columns, self.pool.version)
-        if key != self._graph_key:
-            self._drop_graphs()
-            self._graph_key = key
-        entry = self._graphs.get((batch, columns))
-        if entry is None:
-            entry = self._capture(batch, columns)
-            self._graphs[(batch, columns)] = entry
-        graph, logits, greedy = entry
-        graph.replay()
-        return logits, greedy
+    # --- CUDA graphs ---
 
-    def _capture(self, batch: int, columns: int):
+    def _run(self, key, step, graph: bool = True):
+        """step() reads only static buffers; on CUDA it is captured once per key and replayed."""
+        if not (self.use_graphs and graph):
+            return step()
+        version = (self.rows, self.columns, self.pool.version)
+        if version != self._graph_key:
+            self._drop_graphs()
+            self._graph_key = version
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(step)
+            log.info("captured %s", key)
+        graph, outputs = entry
+        graph.replay()
+        return outputs
+
+    def _capture(self, step):
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        # Warm-up runs on a side stream (the documented capture recipe); they only rewrite the
-        # spare rows' column 0 and the live rows' next column, which the replay rewrites anyway.
+        # Warm-up runs on a side stream (the documented capture recipe); they write the same
+        # cache entries as the replay that follows (or spare and scratch rows).
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_static(batch, columns)
+                step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the adapter loader thread may pin host memory meanwhile.
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            logits, greedy = self._decode_static(batch, columns)
-        log.info("captured the decode step for %d rows x %d columns", batch, columns)
-        return graph, logits, greedy
+            outputs = step()
+        return graph, outputs

@@ -1,19 +1,23 @@
 """Mixed-adapter LoRA over a stacked adapter pool (the punica / S-LoRA layout).
 
 Every linear layer inside the decoder layers is wrapped: it holds A and B for all GPU slots,
-stacked as A (slots, rank, in) and B (out, slots, rank), with each adapter's scale folded into its
-A. A batch row's delta is computed against every slot at once and masked to the row's own slot:
-x @ A_all^T gives (tokens, slots * rank), a per-row 0/1 mask keeps the row's slot, and that times
-B_all^T is the delta. With a handful of slots and rank 16 both products are tiny (the pool holds
+stacked as A (slots, rank, in) and B^T (slots, rank, out), with each adapter's scale folded into
+its A. A batch row's delta is computed against every slot at once and masked to the row's own
+slot: x @ A_all^T gives (tokens, slots * rank), a per-row 0/1 mask keeps the row's slot, and that
+times B^T_all is the delta. With a handful of slots and rank 16 both products are tiny (the pool holds
 well under a megabyte per layer), nothing is gathered per step, the shapes never depend on which
 adapters are in the batch (so a decode step can be captured once as a CUDA graph and replayed),
 and a row of slot 0 (the base model) gets an exact zero delta. Adapters of smaller rank are
 zero-padded up to the pool's rank, which grows (for every layer together) when needed."""
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+Weights = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]  # name -> (A, B, scale)
 
 
 class RowSlots:
@@ -58,28 +62,20 @@ class PooledLoraLinear(nn.Module):
         self.rank = 0
         weight = base.weight
         self.register_buffer("lora_A", weight.new_zeros(num_slots, 0, base.in_features), persistent=False)
-        self.register_buffer("lora_B", weight.new_zeros(base.out_features, num_slots, 0), persistent=False)
+        self.register_buffer("lora_BT", weight.new_zeros(num_slots, 0, base.out_features), persistent=False)
 
     def grow_rank(self, rank: int) -> None:
         if rank <= self.rank:
             return
         grown_A = self.lora_A.new_zeros(self.num_slots, rank, self.base.in_features)
-        grown_B = self.lora_B.new_zeros(self.base.out_features, self.num_slots, rank)
+        grown_BT = self.lora_BT.new_zeros(self.num_slots, rank, self.base.out_features)
         grown_A[:, : self.rank] = self.lora_A
-        grown_B[:, :, : self.rank] = self.lora_B
-        self.lora_A, self.lora_B, self.rank = grown_A, grown_B, rank
-
-    def write(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        rank = A.shape[0]
-        self.lora_A[slot, :rank].copy_(A, non_blocking=True)
-        self.lora_A[slot, :rank].mul_(scale)
-        self.lora_A[slot, rank:].zero_()
-        self.lora_B[:, slot, :rank].copy_(B, non_blocking=True)
-        self.lora_B[:, slot, rank:].zero_()
+        grown_BT[:, : self.rank] = self.lora_BT
+        self.lora_A, self.lora_BT, self.rank = grown_A, grown_BT, rank
 
     def clear(self, slot: int) -> None:
         self.lora_A[slot].zero_()
-        self.lora_B[:, slot].zero_()
+        self.lora_BT[slot].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -89,7 +85,7 @@ class PooledLoraLinear(nn.Module):
         hidden = F.linear(x, self.lora_A.view(-1, self.base.in_features))
         mask = self.rows.mask[: x.shape[0]]
         hidden = hidden * (mask.unsqueeze(1) if x.dim() == 3 else mask)
-        return y + F.linear(hidden, self.lora_B.view(self.base.out_features, -1))
+        return y + torch.matmul(hidden, self.lora_BT.view(-1, self.base.out_features))
 
 
 class AdapterPool:
@@ -124,28 +120,52 @@ class AdapterPool:
     def version(self) -> int:
         return self.rows.version
 
-    def write(self, slot: int, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Put one adapter (module name -> (A, B, scale)) into `slot`; other slots are untouched.
-        A and B in pinned host memory make this a set of asynchronous copies."""
-        self.grow_rank(max(A.shape[0] for A, _, _ in weights.values()))
+    def write(self, slot: int, adapter: "StagedAdapter | Weights") -> None:
+        """Put one adapter into `slot`; other slots are untouched. A StagedAdapter in pinned host
+        memory goes over in one asynchronous copy, then into the layers in one batched copy."""
+        if not isinstance(adapter, StagedAdapter):
+            adapter = stage_weights(adapter, self.rows.dtype, pin=False)
+        self.grow_rank(adapter.rank)
+        flat = adapter.flat.to(self.rows.device, non_blocking=True)
+        targets, sources, zero = [], [], []
         for name, layer in self.layers.items():
-            if name in weights:
-                A, B, scale = weights[name]
-                layer.write(slot, A, B, scale)
-            else:
-                layer.clear(slot)
+            part = adapter.parts.get(name)
+            if part is None:
+                zero += [layer.lora_A[slot], layer.lora_BT[slot]]
+                continue
+            rank, a_at, b_at = part
+            a_len, b_len = rank * layer.base.in_features, rank * layer.base.out_features
+            targets += [layer.lora_A[slot, :rank], layer.lora_BT[slot, :rank]]
+            sources += [flat[a_at: a_at + a_len].view(rank, -1), flat[b_at: b_at + b_len].view(rank, -1)]
+            if rank < self.rank:
+                zero += [layer.lora_A[slot, rank:], layer.lora_BT[slot, rank:]]
+        if zero:
+            torch._foreach_zero_(zero)
+        torch._foreach_copy_(targets, sources)
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear(slot)
 
 
-def stage_weights(weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
-                  dtype: torch.dtype, pin: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Weights converted to the pool's dtype (and pinned, for asynchronous copies to the GPU) off
-    the engine thread, so that putting an adapter into a slot costs the engine almost nothing."""
-    staged = {}
+@dataclass
+class StagedAdapter:
+    """One adapter ready for a pool slot: every layer's A (scale folded in, (rank, in)) and B^T
+    ((rank, out)) in one host buffer of the pool's dtype (pinned on CUDA)."""
+
+    flat: torch.Tensor
+    parts: dict[str, tuple[int, int, int]]  # module name -> (rank, offset of A, offset of B^T)
+    rank: int
+
+
+def stage_weights(weights: Weights, dtype: torch.dtype, pin: bool) -> StagedAdapter:
+    total = sum(A.numel() + B.numel() for A, B, _ in weights.values())
+    flat = torch.empty(total, dtype=dtype, pin_memory=pin)
+    parts, offset = {}, 0
     for name, (A, B, scale) in weights.items():
-        A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
-        staged[name] = (A.pin_memory(), B.pin_memory(), scale) if pin else (A, B, scale)
-    return staged
+        rank = A.shape[0]
+        flat[offset: offset + A.numel()].view(A.shape).copy_(A.float() * scale)
+        flat[offset + A.numel(): offset + A.numel() + B.numel()].view(B.shape[1], B.shape[0]).copy_(B.T)
+        parts[name] = (rank, offset, offset + A.numel())
+        offset += A.numel() + B.numel()
+    return StagedAdapter(flat, parts, max((p[0] for p in parts.values()), default=0))

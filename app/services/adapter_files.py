@@ -121,13 +121,14 @@ def check_adapter_dir(adapter_dir: Path, base_dir: Path) -> dict[str, LoraModule
     return specs
 
 
-def verify_manifest(adapter_dir: Path, version: str) -> None:
-    """The weights file must hash to the version the model id points at (and its manifest)."""
+def verify_manifest(adapter_dir: Path, version: str, actual: str | None = None) -> None:
+    """The weights file must hash to the version the model id points at (and its manifest).
+    `actual`: the file's sha256 when the caller has already hashed the bytes it read."""
     try:
         manifest = json.loads((adapter_dir / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         raise AdapterFileError("the adapter's manifest.json is missing or unreadable") from exc
-    actual = sha256_file(adapter_dir / "adapter_model.safetensors")
+    actual = actual or sha256_file(adapter_dir / "adapter_model.safetensors")
     if manifest.get("sha256") != version or actual != version:
         raise AdapterFileError(
             "adapter_model.safetensors does not match its manifest sha256 (corrupt or truncated)"
