@@ -97,6 +97,21 @@ class BatchDecoder:
         self.k = self.v = None
         self._grow(1, MIN_COLUMNS)
 
+    def warm_up(self) -> None:
+        """On CUDA: allocate the whole cache and capture the decode step for every batch bucket
+        and short prefills, so that no request waits for a capture (or a cache growth)."""
+        if not self.use_graphs:
+            return
+        self._grow(self.max_rows, self.context_window)
+        batch = 1
+        while batch <= self.max_rows:
+            self.decode([0] * batch, [0] * batch, [0] * batch)
+            for length in (16, 32, 64, 128):
+                if batch * length <= PREFILL_GRAPH_TOKENS:
+                    self.prefill(0, [[0] * length] * batch, [0] * batch)
+            batch *= 2
+        torch.cuda.synchronize()
+
     # --- cache ---
 
     def _grow(self, rows: int, columns: int) -> None:

@@ -182,12 +182,15 @@ class Engine:
             self.base_dir, dtype=self.dtype, attn_implementation="sdpa"
         )
         self.model = model.to(self.device).eval()
-        pool = AdapterPool(self.model, self.settings.gpu_adapter_slots, self.device)
+        # Rank 16 (the trainer's default) from the start: loading such adapters reallocates nothing.
+        pool = AdapterPool(self.model, self.settings.gpu_adapter_slots, self.device, rank=16)
         self.tiers = AdapterTiers(pool, self.settings.cpu_adapter_cache, self.loader, wake=self._wake)
         self.context_window = min(
             self.settings.max_context_tokens, self.model.config.max_position_embeddings
         )
         self.decoder = BatchDecoder(self.model, pool, self.settings.max_batch_size, self.context_window)
+        with torch.inference_mode():
+            self.decoder.warm_up()
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}

@@ -92,7 +92,7 @@ class AdapterPool:
     """The GPU tier: `num_slots` adapters resident in the wrapped model at once (slot 0 = none).
     `version` changes whenever buffers are reallocated (captured graphs must then be redone)."""
 
-    def __init__(self, model: nn.Module, num_slots: int, device: torch.device):
+    def __init__(self, model: nn.Module, num_slots: int, device: torch.device, rank: int = 0):
         dtype = next(model.parameters()).dtype
         self.rows = RowSlots(device, dtype)
         self.layers: dict[str, PooledLoraLinear] = {}
@@ -107,6 +107,7 @@ class AdapterPool:
             wrapped = PooledLoraLinear(module, self.num_slots, self.rows)
             setattr(model.get_submodule(parent_name), attr, wrapped)
             self.layers[name] = wrapped
+        self.grow_rank(rank)
 
     def grow_rank(self, rank: int) -> None:
         if rank <= self.rank:
