@@ -1,0 +1,215 @@
+"""Serving benchmark: naive PEFT baseline vs the Tuneforge server (app/inference/engine.py).
+
+python3 bench/serve.py [--only naive|server] [--requests-per-level 64]
+Both halves use a TinyLlama-1.1B-shaped model with random weights (bench/train.py's checkpoint) in NF4 and
+8 random LoRA adapters (r=16, all-linear, nonzero B); 48-token prompts, 64 new tokens, greedy.
+  naive:  one request at a time, PeftModel + set_adapter per request (as shared/bench/infer_baseline.py).
+  server: adapters imported into a temp data dir with `tuneforge models import`, a key from
+          `tuneforge keys create`, the real server (`tuneforge api`) driven by concurrent streaming (SSE)
+          httpx clients at concurrency 1, 16, 64: aggregate generated tok/s, TTFT p50/p99, cold-load p50.
+Results merged into docs/benchmarks/latest.json under "serve".
+"""
+import argparse, asyncio, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench._results import merge  # noqa: E402
+from bench.train import build_checkpoint, CKPT  # noqa: E402
+
+N_AD, NEW, PROMPT_LEN = 8, 64, 48
+AD_ROOT = Path(os.environ.get("BENCH_ADAPTERS", "/tmp/bench-adapters"))
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
+
+
+def load_base():
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                             bnb_4bit_use_double_quant=True)
+    return AutoModelForCausalLM.from_pretrained(CKPT, quantization_config=bnb, device_map={"": 0}, dtype=torch.bfloat16)
+
+
+def make_adapters(base):
+    """8 random r=16 all-linear adapters (nonzero B) saved with save_pretrained under AD_ROOT/ad{i}."""
+    from peft import LoraConfig, get_peft_model
+    for i in range(N_AD):
+        p = AD_ROOT / f"ad{i}"
+        if not (p / "adapter_model.safetensors").exists():
+            torch.manual_seed(i)
+            m = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                init_lora_weights=False))
+            m.save_pretrained(str(p))
+            base = m.unload()
+    return base
+
+
+def run_naive(base, n_requests=16):
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(base, str(AD_ROOT / "ad0"), adapter_name="ad0")
+    for i in range(1, N_AD):
+        model.load_adapter(str(AD_ROOT / f"ad{i}"), adapter_name=f"ad{i}")
+    model.eval()
+    prompt = torch.randint(3, 32000, (1, PROMPT_LEN), device="cuda", generator=None)
+
+    def gen():
+        with torch.inference_mode():
+            return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW,
+                                  min_new_tokens=NEW, do_sample=False, pad_token_id=2)
+    gen()
+    lat = []
+    torch.cuda.synchronize(); t0 = time.time()
+    for k in range(n_requests):
+        t = time.time()
+        model.set_adapter(f"ad{k % N_AD}")
+        gen(); torch.cuda.synchronize()
+        lat.append(time.time() - t)
+    dt = time.time() - t0
+    loads = []
+    for k in range(5):
+        torch.cuda.synchronize(); t = time.time()
+        model.load_adapter(str(AD_ROOT / f"ad{k % N_AD}"), adapter_name=f"x{k}")
+        torch.cuda.synchronize(); loads.append(time.time() - t)
+    return dict(naive_tokens_per_s=round(n_requests * NEW / dt, 2), naive_latency_p50_s=round(pct(lat, 50), 4),
+                naive_requests=n_requests, naive_load_adapter_ms_p50=round(pct(loads, 50) * 1000, 1),
+                naive_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Server half. Needs from the app (being written): `tuneforge models import DIR --tenant T --name N --base B`,
+# `tuneforge keys create --tenant T` printing the key, `tuneforge api` honouring TUNEFORGE_DATA_DIR/PORT/
+# BASE_MODELS/SERVE_BASE_MODEL, POST /v1/completions {"model","prompt","max_tokens","stream":true,
+# "temperature":0} answering OpenAI-style SSE ("data: {...}" chunks, "data: [DONE]"), and ideally
+# GET /metrics with an adapter-load histogram (tuneforge_adapter_load_seconds*).
+# ------------------------------------------------------------------------------------------------------
+def _cli(env, *args):
+    r = subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise RuntimeError(f"tuneforge {' '.join(args)} failed: {r.stderr[-2000:]}")
+    return r.stdout
+
+
+def setup_store(data_dir: Path, base_name=Path(CKPT).name)  # import checks the adapter's base name:
+    env = dict(os.environ, TUNEFORGE_DATA_DIR=str(data_dir), TUNEFORGE_BASE_MODELS=json.dumps({base_name: CKPT}),
+               TUNEFORGE_SERVE_BASE_MODEL=base_name, TUNEFORGE_DEVICE="cuda", PYTHONPATH=os.pathsep.join(
+                   [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]))
+    key_out = _cli(env, "keys", "create", "--tenant", "bench")
+    m = re.search(r"(tf[-_][A-Za-z0-9_\-]{16,}|sk[-_][A-Za-z0-9_\-]{16,})", key_out)
+    key = m.group(1) if m else key_out.strip().split()[-1]
+    models = []
+    for i in range(N_AD):
+        out = _cli(env, "models", "import", str(AD_ROOT / f"ad{i}"), "--tenant", "bench", "--name", f"ad{i}",
+                   "--base", base_name)
+        mm = re.search(r"(ft:\S+)", out)
+        models.append(mm.group(1) if mm else f"ft:{base_name}:bench:ad{i}")
+    return env, key, models
+
+
+async def _one(client, url, key, model, prompt_ids):
+    import httpx  # noqa: F401
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": NEW, "stream": True, "temperature": 0}
+    t0 = time.perf_counter(); ttft = None; n = 0
+    async with client.stream("POST", url + "/v1/completions", json=body,
+                             headers={"Authorization": f"Bearer {key}"}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            n += 1
+    return ttft, n, time.perf_counter() - t0
+
+
+async def drive(url, key, models, concurrency, total):
+    import httpx, random
+    rnd = random.Random(concurrency)
+    prompt = " ".join(str(rnd.randrange(100, 999)) for _ in range(PROMPT_LEN))  # ~48+ tokens of text
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+        async def job(k):
+            async with sem:
+                return await _one(c, url, key, models[k % len(models)], prompt)
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(job(k) for k in range(total)))
+        dt = time.perf_counter() - t0
+    ttfts = [r[0] for r in res if r[0] is not None]
+    toks = sum(r[1] for r in res)  # SSE chunks ~ tokens; prefer usage if the server reports it
+    return dict(tokens_per_s=round(toks / dt, 2), ttft_p50_s=round(pct(ttfts, 50), 4), ttft_p99_s=round(pct(ttfts, 99), 4),
+                requests=total, chunks=toks)
+
+
+def run_server(per_level=64, port=8765):
+    data_dir = Path(tempfile.mkdtemp(prefix="tf-bench-"))
+    env, key, models = setup_store(data_dir)
+    env["TUNEFORGE_PORT"] = str(port)
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], env=env, stdout=open(data_dir / "api.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code < 500:
+                    break
+            except Exception:
+                time.sleep(0.5)
+        # cold load: first request to each adapter vs a warm request to the same adapter
+        cold = []
+        for m in models[:4]:
+            c = asyncio.run(_one_client(url, key, m)); w = asyncio.run(_one_client(url, key, m))
+            cold.append(c - w)
+        out = {"server_adapter_cold_load_p50_s": round(pct(cold, 50), 4)}
+        for conc in (1, 16, 64):
+            r = asyncio.run(drive(url, key, models, conc, max(conc, per_level if conc > 1 else 16)))
+            out[f"server_c{conc}"] = r
+        out["tuneforge_tokens_per_s_c64"] = out["server_c64"]["tokens_per_s"]
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if os.environ.get("OUT"):
+            shutil.copy(data_dir / "api.log", Path(os.environ["OUT"]) / "api.log")
+
+
+async def _one_client(url, key, model):
+    import httpx
+    async with httpx.AsyncClient(timeout=600) as c:
+        ttft, _, _ = await _one(c, url, key, model, " ".join(["7"] * PROMPT_LEN))
+    return ttft
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["naive", "server"], default=None)
+    ap.add_argument("--requests-per-level", type=int, default=64)
+    a = ap.parse_args()
+    build_checkpoint()
+    base = make_adapters(load_base())
+    out = {}
+    if a.only in (None, "naive"):
+        out.update(run_naive(base))
+        print("naive", json.dumps(out), flush=True)
+    del base; torch.cuda.empty_cache()
+    if a.only in (None, "server"):
+        try:
+            out.update(run_server(a.requests_per_level))
+        except Exception as e:  # engine not ready yet: keep the naive half
+            out["server_error"] = repr(e)[:500]
+        print("server", json.dumps({k: v for k, v in out.items() if k.startswith(("server", "tuneforge"))}), flush=True)
+    merge("serve", out)
+
+
+if __name__ == "__main__":
+    main()
