@@ -62,7 +62,7 @@ def tokenize_row(row: dict, file_format: str, tokenizer) -> Example:
 
 def _check_shape(row, file_format: str) -> None:
     if not isinstance(row, dict):
-        raise ValueError("expected a JSON object")
+        raise ValueError("expected a JSON object")  # noqa: TRY004 - all shape errors are ValueError
     if file_format == "chat":
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -71,7 +71,7 @@ def _check_shape(row, file_format: str) -> None:
             if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
                 raise ValueError("each message needs a role of system, user or assistant")
             if not isinstance(message.get("content"), str):
-                raise ValueError("each message needs a string 'content'")
+                raise ValueError("each message needs a string 'content'")  # noqa: TRY004
     elif file_format == "prompt_completion":
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
             raise ValueError("'prompt' and 'completion' must be strings")

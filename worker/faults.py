@@ -55,8 +55,8 @@ def train_noop(job_id: str, hooks: TrainingHooks, resume_from: Path | None) -> T
 
 
 def _write_noop_adapter(directory: Path, job_id: str) -> None:
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     seed = int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "little")

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -125,7 +126,7 @@ class Lease:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{fence.job_id}", daemon=True)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -142,7 +143,7 @@ class Lease:
             except JobLost:
                 self.lost.set()
                 return
-            except Exception:  # noqa: BLE001 - a database blip: keep trying while the lease lasts
+            except Exception:
                 log.warning("lease renewal of %s failed", self.fence.job_id, exc_info=True)
 
     def control(self) -> Control:
@@ -220,7 +221,7 @@ def run_job(settings: Settings, sessions: sessionmaker[Session], job: ClaimedJob
         _record_lost(sessions, job)
     except UserError as exc:
         _fail(fence, exc.as_error())
-    except Exception as exc:  # noqa: BLE001 - everything that is not the user's fault is retried
+    except Exception as exc:
         log.exception("job %s attempt %s failed", job.id, job.attempt)
         _retry_or_fail(settings, fence, job, exc)
     finally:
@@ -292,7 +293,7 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None) ->
         while not stop.is_set():
             try:
                 job = claim_job(sessions, worker_id, settings)
-            except Exception:  # noqa: BLE001 - the database may come back; keep polling
+            except Exception:
                 log.warning("claiming a job failed", exc_info=True)
                 job = None
             if job is None:

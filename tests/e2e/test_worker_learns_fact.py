@@ -6,8 +6,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.models import Model
 from app.core.db import session_scope
+from app.models import Model
 from tests.conftest import link_base_model
 from worker.loop import run_worker
 from worker.testing import create_file, create_job, create_tenant, events, get_job, wait_for

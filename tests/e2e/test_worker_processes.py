@@ -7,8 +7,18 @@ from sqlalchemy import select
 from app.core.db import session_scope
 from app.models import Checkpoint, Model
 from tests.conftest import link_base_model
-from worker.testing import (ARITHMETIC, create_file, create_job, create_tenant, events, get_job, metric_steps,
-                            quick_lease, start_worker_process, wait_for)
+from worker.testing import (
+    ARITHMETIC,
+    create_file,
+    create_job,
+    create_tenant,
+    events,
+    get_job,
+    metric_steps,
+    quick_lease,
+    start_worker_process,
+    wait_for,
+)
 
 
 def checkpoint_steps(job_id):

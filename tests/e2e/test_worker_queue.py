@@ -7,8 +7,15 @@ from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.models import Job, JobEvent, Model, new_id
-from worker.testing import (ARITHMETIC, HYPERPARAMETERS, create_file, create_tenant, quick_lease,
-                            start_worker_process, wait_for)
+from worker.testing import (
+    ARITHMETIC,
+    HYPERPARAMETERS,
+    create_file,
+    create_tenant,
+    quick_lease,
+    start_worker_process,
+    wait_for,
+)
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

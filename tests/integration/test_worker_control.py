@@ -4,8 +4,18 @@ from sqlalchemy import select
 from app.core.db import session_scope
 from app.models import Checkpoint, Model
 from tests.conftest import link_base_model
-from worker.testing import (ARITHMETIC, create_file, create_job, create_tenant, events, get_job, metric_steps,
-                            update_job, wait_for, worker_thread)
+from worker.testing import (
+    ARITHMETIC,
+    create_file,
+    create_job,
+    create_tenant,
+    events,
+    get_job,
+    metric_steps,
+    update_job,
+    wait_for,
+    worker_thread,
+)
 
 FAST = {"heartbeat_seconds": 0.2, "poll_seconds": 0.1, "checkpoint_every_steps": 1000}
 
