@@ -96,9 +96,10 @@ def main() -> None:
                         default=Path(".tuneforge-test-cache/base_models/SmolLM2-135M-Instruct"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/tf-profile"))
     parser.add_argument("--eager", action="store_true", help="also measure without CUDA graphs")
+    parser.add_argument("--base", type=Path, help="an existing checkpoint with a tokenizer (skips building one)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    base_dir = args.work / "tinyllama"
+    base_dir = args.base or args.work / "tinyllama"
     if not (base_dir / "config.json").exists():
         build_model(base_dir, args.tokenizer)
     adapters_root = args.work / "adapters"

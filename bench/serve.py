@@ -28,6 +28,20 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
 
 
+def ensure_tokenizer(path=CKPT):
+    """The random checkpoint has no tokenizer; the server needs one. A word-level tokenizer whose
+    words are the ids themselves ("3".."31999"): a prompt of N numbers is N tokens."""
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{str(i): i for i in range(3, 32000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
+
+
 def load_base():
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
@@ -49,7 +63,7 @@ def make_adapters(base):
     return base
 
 
-def run_naive(base, n_requests=16):
+def run_naive(base, n_requests=8):
     from peft import PeftModel
     model = PeftModel.from_pretrained(base, str(AD_ROOT / "ad0"), adapter_name="ad0")
     for i in range(1, N_AD):
@@ -94,7 +108,8 @@ def _cli(env, *args):
     return r.stdout
 
 
-def setup_store(data_dir: Path, base_name=Path(CKPT).name)  # import checks the adapter's base name:
+def setup_store(data_dir: Path, base_name=Path(CKPT).name):
+    # The base name is the checkpoint's directory name: import checks the adapter's recorded base.
     env = dict(os.environ, TUNEFORGE_DATA_DIR=str(data_dir), TUNEFORGE_BASE_MODELS=json.dumps({base_name: CKPT}),
                TUNEFORGE_SERVE_BASE_MODEL=base_name, TUNEFORGE_DEVICE="cuda", PYTHONPATH=os.pathsep.join(
                    [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]))
@@ -112,7 +127,8 @@ def setup_store(data_dir: Path, base_name=Path(CKPT).name)  # import checks the 
 
 async def _one(client, url, key, model, prompt_ids):
     import httpx  # noqa: F401
-    body = {"model": model, "prompt": prompt_ids, "max_tokens": NEW, "stream": True, "temperature": 0}
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": NEW, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter(); ttft = None; n = 0
     async with client.stream("POST", url + "/v1/completions", json=body,
                              headers={"Authorization": f"Bearer {key}"}) as r:
@@ -123,9 +139,12 @@ async def _one(client, url, key, model, prompt_ids):
             data = line[5:].strip()
             if data == "[DONE]":
                 break
+            chunk = json.loads(data)
+            if chunk.get("usage"):  # the last chunk: exact token count
+                n = chunk["usage"]["completion_tokens"]
+                continue
             if ttft is None:
                 ttft = time.perf_counter() - t0
-            n += 1
     return ttft, n, time.perf_counter() - t0
 
 
@@ -134,7 +153,7 @@ async def drive(url, key, models, concurrency, total):
     rnd = random.Random(concurrency)
     prompt = " ".join(str(rnd.randrange(100, 999)) for _ in range(PROMPT_LEN))  # ~48+ tokens of text
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
         async def job(k):
             async with sem:
                 return await _one(c, url, key, models[k % len(models)], prompt)
@@ -151,41 +170,59 @@ def run_server(per_level=64, port=8765):
     data_dir = Path(tempfile.mkdtemp(prefix="tf-bench-"))
     env, key, models = setup_store(data_dir)
     env["TUNEFORGE_PORT"] = str(port)
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], env=env, stdout=open(data_dir / "api.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=False)
+    env["TUNEFORGE_MAX_BATCH_SIZE"] = "64"  # the 64-concurrent level decodes as one batch
+    # The log goes straight to $OUT (if set) so that it survives a killed run; -X faulthandler:
+    # SIGABRT on a stuck run dumps every thread's stack into it.
+    log_path = Path(os.environ["OUT"]) / "api.log" if os.environ.get("OUT") else data_dir / "api.log"
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "app.cli", "api"], env=env,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=False)
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
-        for _ in range(600):
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tuneforge api exited ({proc.returncode}): {log_path.read_text()[-1500:]}")
+            if time.time() > deadline:
+                raise RuntimeError("tuneforge api did not come up in 180 s")
             try:
                 if httpx.get(url + "/healthz", timeout=1).status_code < 500:
                     break
             except Exception:
                 time.sleep(0.5)
-        # cold load: first request to each adapter vs a warm request to the same adapter
+        # Cold load: first request to each adapter (disk -> CPU tier -> GPU slot -> first token)
+        # minus a warm request to the same adapter; this also makes all 8 resident.
         cold = []
-        for m in models[:4]:
+        for m in models:
             c = asyncio.run(_one_client(url, key, m)); w = asyncio.run(_one_client(url, key, m))
             cold.append(c - w)
-        out = {"server_adapter_cold_load_p50_s": round(pct(cold, 50), 4)}
+        out = {"server_adapter_cold_load_p50_s": round(pct(cold, 50), 4),
+               "adapter_load_ms_p50": round(pct(cold, 50) * 1000, 1),
+               "adapter_load_ms_all": [round(c * 1000, 1) for c in cold]}
         for conc in (1, 16, 64):
-            r = asyncio.run(drive(url, key, models, conc, max(conc, per_level if conc > 1 else 16)))
+            r = asyncio.run(drive(url, key, models, conc, 16 if conc == 1 else max(per_level, 4 * conc)))
             out[f"server_c{conc}"] = r
+            out[f"c{conc}_tokens_per_s"] = r["tokens_per_s"]
+            out[f"ttft_ms_p50_c{conc}"] = round(r["ttft_p50_s"] * 1000, 1)
         out["tuneforge_tokens_per_s_c64"] = out["server_c64"]["tokens_per_s"]
         return out
+    except BaseException:
+        if proc.poll() is None:
+            import signal
+            proc.send_signal(signal.SIGABRT)  # faulthandler: stacks into the log
+            time.sleep(2)
+        raise
     finally:
         proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        if os.environ.get("OUT"):
-            shutil.copy(data_dir / "api.log", Path(os.environ["OUT"]) / "api.log")
 
 
 async def _one_client(url, key, model):
     import httpx
-    async with httpx.AsyncClient(timeout=600) as c:
+    async with httpx.AsyncClient(timeout=60) as c:
         ttft, _, _ = await _one(c, url, key, model, " ".join(["7"] * PROMPT_LEN))
     return ttft
 
@@ -196,6 +233,7 @@ def main():
     ap.add_argument("--requests-per-level", type=int, default=64)
     a = ap.parse_args()
     build_checkpoint()
+    ensure_tokenizer()
     base = make_adapters(load_base())
     out = {}
     if a.only in (None, "naive"):
@@ -207,7 +245,7 @@ def main():
             out.update(run_server(a.requests_per_level))
         except Exception as e:  # engine not ready yet: keep the naive half
             out["server_error"] = repr(e)[:500]
-        print("server", json.dumps({k: v for k, v in out.items() if k.startswith(("server", "tuneforge"))}), flush=True)
+        print("server", json.dumps({k: v for k, v in out.items() if not k.startswith("naive")}), flush=True)
     merge("serve", out)
 
 
