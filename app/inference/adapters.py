@@ -84,10 +84,11 @@ def load_adapter_staged(ref: AdapterRef, base_dir: Path, dtype: torch.dtype, pin
             module: (tensor(f"{module}.lora_A.weight"), tensor(f"{module}.lora_B.weight"), spec.scale)
             for module, spec in specs.items()
         }, dtype, pin)
-    except Exception as exc:  # noqa: BLE001 - a hash mismatch is the better explanation, if any
+    except Exception:
+        # A hash mismatch is the better explanation, if there is one.
         hasher.join()
         verify_manifest(ref.adapter_dir, ref.version, digest[0] if digest else None)
-        raise exc
+        raise
     hasher.join()
     verify_manifest(ref.adapter_dir, ref.version, digest[0] if digest else None)
     return staged

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 Weights = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]  # name -> (A, B, scale)
 
 
