@@ -5,13 +5,18 @@ Builds a TinyLlama-1.1B-shaped LlamaConfig model with random weights on the devi
 data (lognormal lengths, median ~134, max 512). Measures real (non-pad) tokens/s after warm-up, peak GPU
 memory, and loss vs tokens. Results merged into docs/benchmarks/latest.json under "train".
 """
-import argparse, json, os, random, sys, time
+import argparse
+import json
+import os
+import random
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._results import merge  # noqa: E402
+from bench._results import merge
 
 CKPT = os.environ.get("BENCH_CKPT", "/tmp/tinyllama-random")
 WARM = 3
@@ -47,9 +52,15 @@ def loss_at_tokens(traj, marks=(10_000, 20_000, 40_000, 80_000)):
 
 
 def run_seed(steps):
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments,
-                              TrainerCallback, default_data_collator)
-    from peft import prepare_model_for_kbit_training, LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
     torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     bs, ga = 2, 4
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
@@ -99,9 +110,9 @@ def run_seed(steps):
                          callbacks=[Timer(), LossLog()])
     tr.train()
     dt = st["t1"] - st["t0"]
-    res = dict(tokens_per_s=st["tokens"] / dt, seconds=dt, tokens=st["tokens"], steps=steps,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-               loss_trajectory=[[t, round(l, 4)] for t, l in st["traj"]])
+    res = {"tokens_per_s": st["tokens"] / dt, "seconds": dt, "tokens": st["tokens"], "steps": steps,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "loss_trajectory": [[t, round(l, 4)] for t, l in st["traj"]]}
     del tr, model; torch.cuda.empty_cache()
     return res
 
@@ -114,13 +125,13 @@ def run_seed(steps):
 #     peak_gib (torch.cuda.max_memory_allocated), loss_trajectory [[cumulative_real_tokens, loss], ...]
 #   using the worker's own default hyperparameters (the production recipe), on GPU 0.
 # ---------------------------------------------------------------------------------------------------------
-def run_tuneforge(steps):
+def run_tuneforge(steps, batch_size):
     try:
-        from worker.pipeline import bench_train  # noqa: F401
+        from worker.pipeline import bench_train
     except ImportError as e:
         return {"skipped": f"worker.pipeline.bench_train not available: {e}"}
     torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    r = bench_train(synthetic_examples(4000), CKPT, steps=steps, warmup_steps=WARM, seed=0)
+    r = bench_train(synthetic_examples(4000), CKPT, steps=steps, warmup_steps=WARM, seed=0, batch_size=batch_size)
     r["tokens_per_s"] = r["tokens"] / r["seconds"]
     return r
 
@@ -129,6 +140,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--only", choices=["seed", "tuneforge"], default=None)
+    ap.add_argument("--batch-size", type=int, default=128, help="Tuneforge examples per step (the API auto value is 16; see docs/BENCHMARKS.md)")
     a = ap.parse_args()
     build_checkpoint()
     out = {}
@@ -139,12 +151,13 @@ def main():
                    seed_steps=a.steps, seed_loss_trajectory=s["loss_trajectory"],
                    seed_loss_at_tokens=loss_at_tokens(s["loss_trajectory"]))
     if a.only in (None, "tuneforge"):
-        t = run_tuneforge(a.steps)
+        t = run_tuneforge(a.steps, a.batch_size)
         print("tuneforge", json.dumps({k: v for k, v in t.items() if k != "loss_trajectory"}), flush=True)
         if "skipped" in t:
             out["tuneforge_skipped"] = t["skipped"]
         else:
-            out.update(tuneforge_tokens_per_s=round(t["tokens_per_s"], 1), tuneforge_peak_gib=round(t["peak_gib"], 3),
+            out.update(tuneforge_batch_size=a.batch_size, tuneforge_steps=a.steps,
+                       tuneforge_tokens_per_s=round(t["tokens_per_s"], 1), tuneforge_peak_gib=round(t["peak_gib"], 3),
                        tuneforge_loss_trajectory=t.get("loss_trajectory"),
                        tuneforge_loss_at_tokens=loss_at_tokens(t.get("loss_trajectory") or []))
     merge("train", out)

@@ -3,7 +3,12 @@
 setup: load the base model in 4-bit NF4 with double quantization, `prepare_model_for_kbit_training`
 (gradient checkpointing, use_reentrant=False), attach LoRA. train: AdamW with linear warmup/decay,
 loss on completion/assistant tokens only, optional packing, validation loss, metrics and
-checkpoints through `TrainingHooks`. save: the adapter as safetensors; the training state
+checkpoints through `TrainingHooks`. One step is `batch_size` examples; they are laid out as rows
+of `max_seq_length` tokens (bin-packed, position ids restarting per example so attention is
+block-diagonal), rows are grouped into micro-batches of at most `MICRO_BATCH_TOKENS`, and the loss
+is a chunked cross-entropy over the target positions only, so the vocabulary-wide logits never
+exist for a whole micro-batch. On CUDA the frozen weights run in bf16 under bf16 autocast and
+AdamW is fused. save: the adapter as safetensors; the training state
 (optimizer, scheduler, RNG, data position) as safetensors + JSON, never pickle, so a new attempt
 or a resumed job continues from the same step.
 
@@ -16,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -25,7 +31,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from worker.data import Example, collate, epoch_order, load_examples
+from worker.data import IGNORE_INDEX, Example, collate, epoch_order, load_examples
 from worker.errors import UserError
 from worker.hooks import TrainingHooks, TrainResult
 from worker.store import ADAPTER_WEIGHTS
@@ -33,6 +39,11 @@ from worker.store import ADAPTER_WEIGHTS
 LOG_EVERY_STEPS = 5
 WARMUP_FRACTION = 0.03
 MAX_GRAD_NORM = 1.0
+# Tokens per forward/backward on CUDA: 16 rows of 1024 keep TinyLlama-1.1B (NF4, r=16 all-linear,
+# gradient checkpointing) under ~6 GiB on an H100. A step bigger than this accumulates gradients.
+MICRO_BATCH_TOKENS = 16384
+# Target positions per cross-entropy chunk: 4096 x 32k-vocab fp32 logits = 0.5 GiB at a time.
+LOSS_CHUNK_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -108,9 +119,17 @@ def load_base_model(base_model_dir: Path, device: str):
         base_model_dir, quantization_config=quantization, dtype=compute_dtype,
         device_map={"": 0 if device == "cuda" else "cpu"},
     )
-    return prepare_model_for_kbit_training(
+    model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
+    if device == "cuda":
+        # prepare_model_for_kbit_training upcasts every non-quantized weight (embeddings, norms,
+        # lm_head) to fp32, which is there for fp16 training; with bf16 it only makes the residual
+        # stream, the checkpointed activations and the lm_head matmul fp32. Frozen, so back to bf16.
+        for param in model.parameters():
+            if param.dtype == torch.float32 and not param.requires_grad:
+                param.data = param.data.to(compute_dtype)
+    return model
 
 
 def attach_lora(model, config: TrainConfig):
@@ -182,8 +201,124 @@ def read_training_state(directory: Path, model, optimizer, scheduler) -> dict:
 
 
 def _forward_loss(model, batch: dict, device: str) -> torch.Tensor:
+    """The plain path: transformers' own loss over a `collate` batch (the reference the fast path
+    is tested against)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     return model(**batch, use_cache=False).loss
+
+
+def pack_rows(examples: list[Example], row_length: int, packing: bool) -> list[list[Example]]:
+    """Examples into rows of at most row_length tokens: first-fit decreasing when packing, one
+    example per row otherwise."""
+    if not packing:
+        return [[ex] for ex in examples]
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(ex.input_ids)
+        for i, free in enumerate(room):
+            if n <= free:
+                rows[i].append(ex)
+                room[i] -= n
+                break
+        else:
+            rows.append([ex])
+            room.append(row_length - n)
+    return rows
+
+
+def micro_batches(examples: list[Example], pad_id: int, config: TrainConfig) -> list[dict]:
+    """One step's examples as micro-batches {input_ids, position_ids, target_index, targets}.
+    Each row holds whole examples with position ids restarting at 0 (transformers turns that into
+    a block-diagonal causal mask; the padding at a row's end is one more such block). Targets are
+    shifted inside each example, so no example learns to predict its neighbour's start;
+    target_index lists the flat positions that have a target (computed here, on the host)."""
+    rows = pack_rows(examples, config.max_seq_length, config.packing)
+    width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
+    if config.device == "cuda":
+        # Few distinct shapes: cuDNN attention builds an execution plan per new shape, and fixed
+        # shapes are what CUDA graphs / torch.compile would need next.
+        width = config.max_seq_length if config.packing else min(config.max_seq_length, -(-width // 128) * 128)
+    rows_per_batch = max(1, MICRO_BATCH_TOKENS // width) if config.device == "cuda" else len(rows)
+    batches = []
+    for start in range(0, len(rows), rows_per_batch):
+        ids, positions, index, targets = [], [], [], []
+        for r, row in enumerate(rows[start : start + rows_per_batch]):
+            offset = r * width
+            row_ids, row_positions = [], []
+            for ex in row:
+                shifted = ex.labels[1:] + [IGNORE_INDEX]
+                for i, label in enumerate(shifted):
+                    if label != IGNORE_INDEX:
+                        index.append(offset + len(row_ids) + i)
+                        targets.append(label)
+                row_ids += ex.input_ids
+                row_positions += range(len(ex.input_ids))
+            pad = width - len(row_ids)
+            ids.append(row_ids + [pad_id] * pad)
+            positions.append(row_positions + list(range(pad)))
+        batches.append({
+            "input_ids": torch.tensor(ids), "position_ids": torch.tensor(positions),
+            "target_index": torch.tensor(index, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
+        })
+    return batches
+
+
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+def _uses_plain_logits(model) -> bool:
+    config = model.get_base_model().config
+    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+
+
+def micro_batch_loss_sum(model, batch: dict, device: str) -> torch.Tensor:
+    """Sum of the cross-entropy over the batch's targets. The decoder's last hidden state is taken
+    at the target positions only, and lm_head + cross-entropy run in checkpointed chunks, so at
+    most LOSS_CHUNK_TOKENS x vocab logits exist at a time (in forward and in backward)."""
+    base = model.get_base_model()
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        hidden = base.get_decoder()(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
+        weight = base.get_output_embeddings().weight
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_TOKENS):
+            end = start + LOSS_CHUNK_TOKENS
+            total = total + torch.utils.checkpoint.checkpoint(
+                _ce_sum, hidden[start:end], weight, batch["targets"][start:end], use_reentrant=False
+            )
+    return total
+
+
+def fast_step(model, examples: list[Example], pad_id: int, config: TrainConfig) -> torch.Tensor:
+    """Forward + backward of one step: mean loss per target token over all its examples
+    (what `_forward_loss` gives on a `collate` batch of the same examples). Returns the loss, detached."""
+    batches = micro_batches(examples, pad_id, config)
+    n_targets = sum(len(b["targets"]) for b in batches)
+    total = None
+    for batch in batches:
+        loss = micro_batch_loss_sum(model, batch, config.device) / max(n_targets, 1)
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+def plain_step(model, examples: list[Example], pad_id: int, config: TrainConfig) -> torch.Tensor:
+    """The same step through transformers' own forward and loss on a padded batch."""
+    loss = _forward_loss(model, collate(examples, pad_id, False), config.device)
+    loss.backward()
+    return loss.detach()
+
+
+def train_step(model, examples: list[Example], pad_id: int, config: TrainConfig) -> torch.Tensor:
+    """What `train` runs per step: the fast path, unless the model post-processes its logits."""
+    if _uses_plain_logits(model):
+        return fast_step(model, examples, pad_id, config)
+    return plain_step(model, examples, pad_id, config)
 
 
 @torch.no_grad()
@@ -192,13 +327,28 @@ def validation_loss(model, examples: list[Example], config: TrainConfig, pad_id:
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(examples), config.batch_size):
-        chunk = examples[start : start + config.batch_size]
-        batch = collate(chunk, pad_id, config.packing)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(_forward_loss(model, batch, config.device)) * n
-        tokens += n
+        if not _uses_plain_logits(model):
+            batch = collate(examples[start : start + config.batch_size], pad_id, False)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(_forward_loss(model, batch, config.device)) * n
+            tokens += n
+            continue
+        for batch in micro_batches(examples[start : start + config.batch_size], pad_id, config):
+            total += float(micro_batch_loss_sum(model, batch, config.device))
+            tokens += len(batch["targets"])
     model.train()
     return total / max(tokens, 1)
+
+
+def make_optimizer(trainable: list, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0, fused=config.device == "cuda")
+
+
+def optimizer_step(trainable: list, optimizer, scheduler) -> None:
+    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = None) -> TrainResult:
@@ -213,7 +363,7 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
 
     model = attach_lora(load_base_model(config.base_model_dir, config.device), config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    optimizer = make_optimizer(trainable, config)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.n_epochs * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * total_steps), total_steps)
@@ -244,12 +394,8 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
         epoch, index = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_set), config.seed, epoch)
         chunk = [train_set[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
-        loss = _forward_loss(model, collate(chunk, pad_id, config.packing), config.device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, chunk, pad_id, config)
+        optimizer_step(trainable, optimizer, scheduler)
 
         step += 1
         real_tokens = sum(len(ex.input_ids) for ex in chunk)
@@ -277,6 +423,58 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
             window_losses, window_tokens, window_start = [], 0, time.monotonic()
 
     return TrainResult("continue", step, trained_tokens, save_adapter)
+
+
+def bench_train(examples: list[list[int]], base_model_dir: str, *, steps: int, warmup_steps: int = 3,
+                seed: int = 0, **hyperparams) -> dict:
+    """bench/train.py's entry: `steps` steps of the worker's recipe (load_base_model, attach_lora,
+    make_optimizer, train_step, optimizer_step) on token-id lists trained on every token, with the
+    API's default hyperparameters unless given. Times and counts real tokens after warm-up."""
+    defaults = {"batch_size": 16, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+                    "target_modules": "all-linear", "max_seq_length": 1024, "packing": True}
+    config = TrainConfig(
+        base_model_dir=Path(base_model_dir), training_file=Path("-"), training_format="text", validation_file=None,
+        validation_format=None, seed=seed, device=hyperparams.pop("device", "cuda"), checkpoint_every_steps=10**9,
+        n_epochs=1, **{**defaults, **hyperparams},
+    )
+    config.check()
+    torch.manual_seed(seed)
+    data = [Example(ids, list(ids)) for ids in examples]
+    model = attach_lora(load_base_model(config.base_model_dir, config.device), config)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, config)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * steps), steps)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    order = epoch_order(len(data), seed, 0)
+    cuda = config.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses, cumulative, tokens, t0 = [], 0, 0, time.perf_counter()
+    for step in range(steps):
+        if step == warmup_steps:
+            if cuda:
+                torch.cuda.synchronize()
+            tokens, t0 = 0, time.perf_counter()
+        picked = order[step * config.batch_size : (step + 1) * config.batch_size]
+        if len(picked) < config.batch_size:
+            raise ValueError(f"{len(data)} examples are too few for {steps} steps of {config.batch_size}")
+        chunk = [data[i] for i in picked]
+        losses.append(train_step(model, chunk, pad_id, config))
+        optimizer_step(trainable, optimizer, scheduler)
+        n = sum(len(ex.input_ids) for ex in chunk)
+        cumulative += n
+        tokens += n
+        losses[-1] = (cumulative, losses[-1])
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    result = {"tokens": tokens, "seconds": seconds, "steps": steps, "batch_size": config.batch_size,
+                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                  "loss_trajectory": [[t, round(float(loss), 4)] for t, loss in losses]}
+    del model, optimizer
+    release_memory()
+    return result
 
 
 def release_memory() -> None:
