@@ -1,16 +1,19 @@
 """The `tuneforge` command."""
+
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from app.core.settings import EMBEDDED_BASE_MODEL, get_settings
 
 app = typer.Typer(
-    help="Tuneforge: QLoRA fine-tuning and LoRA serving.", no_args_is_help=True,
+    help="Tuneforge: QLoRA fine-tuning and LoRA serving.",
+    no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 keys_app = typer.Typer(help="Tenants' API keys.", no_args_is_help=True)
@@ -47,8 +50,12 @@ def api() -> None:
     settings = get_settings()
     upgrade(settings.resolved_database_url)
     uvicorn.run(
-        "app.main:create_app", factory=True, host=settings.host, port=settings.port,
-        log_level="info", timeout_graceful_shutdown=10,
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
     )
 
 
@@ -145,11 +152,14 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key id shown by 'key
 
 @models_app.command("import")
 def models_import(
-    directory: Path = typer.Argument(..., help="A PEFT LoRA adapter directory (save_pretrained)."),
+    directory: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory (save_pretrained).")],
     tenant: str = typer.Option(..., help="Tenant that will own the model; created if new."),
     name: str = typer.Option(..., help="Model name: the id becomes ft:<base>:<tenant>:<name>."),
-    base: str = typer.Option(None, help="The base model the adapter was trained on "
-                                        "(default: the served one, TUNEFORGE_SERVE_BASE_MODEL)."),
+    base: str = typer.Option(
+        None,
+        help="The base model the adapter was trained on "
+        "(default: the served one, TUNEFORGE_SERVE_BASE_MODEL).",
+    ),
 ) -> None:
     """Import an adapter (adapter_config.json + adapter_model.safetensors) and serve it."""
     from app.inference.base_models import resolve_base_model
@@ -161,8 +171,9 @@ def models_import(
     try:
         with _migrated_session() as session:
             owner = get_or_create_tenant(session, tenant)
-            row = import_adapter(session, settings, owner.id, tenant, name, directory, base,
-                                 resolve_base_model(base, settings))
+            row = import_adapter(
+                session, settings, owner.id, tenant, name, directory, base, resolve_base_model(base, settings)
+            )
     except (AdapterFileError, OSError) as exc:
         typer.echo(f"cannot import {directory}: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -1,4 +1,5 @@
 """The API process: control-plane routes and the inference engine."""
+
 import asyncio
 import time
 from contextlib import asynccontextmanager

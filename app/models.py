@@ -1,4 +1,5 @@
 """SQLAlchemy tables. Ids are OpenAI-style prefixed strings; timestamps are unix seconds."""
+
 import enum
 import secrets
 import time

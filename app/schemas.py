@@ -1,5 +1,6 @@
 """Request and response bodies. Response shapes follow OpenAI's published API reference so the
 official clients parse them unchanged; Tuneforge's own fields are additions."""
+
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,7 +18,9 @@ class ListPage(BaseModel, Generic[T]):
     @classmethod
     def of(cls, data: list, has_more: bool):
         return cls(
-            data=data, has_more=has_more, first_id=data[0].id if data else None,
+            data=data,
+            has_more=has_more,
+            first_id=data[0].id if data else None,
             last_id=data[-1].id if data else None,
         )
 

@@ -5,6 +5,7 @@ requests, time to first token, adapter cold-load time, and a torch.profiler tabl
     PYTHONPATH=$PWD python bench/profile_engine.py --out /tmp/out [--tokenizer DIR]
 
 The tokenizer (only used to turn generated ids into text) defaults to the embedded model's."""
+
 import argparse
 import asyncio
 import json
@@ -30,10 +31,19 @@ PROMPT_TOKENS, NEW_TOKENS = 48, 64
 def build_model(directory: Path, tokenizer_dir: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                         max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -58,7 +68,9 @@ async def one_request(engine, ref, seed, stats):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, 32000, (PROMPT_TOKENS,), generator=g).tolist()
     started = time.perf_counter()
-    stream = engine.submit(GenerationRequest("bench", prompt, SamplingParams(NEW_TOKENS, temperature=0.0), ref))
+    stream = engine.submit(
+        GenerationRequest("bench", prompt, SamplingParams(NEW_TOKENS, temperature=0.0), ref)
+    )
     first = None
     while True:
         event = await stream.get()
@@ -83,20 +95,29 @@ async def closed_loop(engine, refs, concurrency, per_client, seed=0):
     started = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(concurrency)))
     wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": concurrency * per_client,
-            "tokens_per_s": stats["tokens"] / wall, "ttft_ms_p50": 1000 * statistics.median(stats["ttft"]),
-            "ttft_ms_p90": 1000 * statistics.quantiles(stats["ttft"], n=10)[-1] if len(stats["ttft"]) > 1 else None,
-            "wall_s": wall}
+    return {
+        "concurrency": concurrency,
+        "requests": concurrency * per_client,
+        "tokens_per_s": stats["tokens"] / wall,
+        "ttft_ms_p50": 1000 * statistics.median(stats["ttft"]),
+        "ttft_ms_p90": 1000 * statistics.quantiles(stats["ttft"], n=10)[-1]
+        if len(stats["ttft"]) > 1
+        else None,
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tokenizer", type=Path,
-                        default=Path(".tuneforge-test-cache/base_models/SmolLM2-135M-Instruct"))
+    parser.add_argument(
+        "--tokenizer", type=Path, default=Path(".tuneforge-test-cache/base_models/SmolLM2-135M-Instruct")
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/tf-profile"))
     parser.add_argument("--eager", action="store_true", help="also measure without CUDA graphs")
-    parser.add_argument("--base", type=Path, help="an existing checkpoint with a tokenizer (skips building one)")
+    parser.add_argument(
+        "--base", type=Path, help="an existing checkpoint with a tokenizer (skips building one)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base_dir = args.base or args.work / "tinyllama"
@@ -107,9 +128,15 @@ def main() -> None:
     adapters_root.mkdir(parents=True)
     refs = [make_adapter(adapters_root, base_dir, seed) for seed in range(8)]
     cold = [make_adapter(adapters_root, base_dir, 100 + seed) for seed in range(6)]
-    settings = Settings(data_dir=args.work / "data", device="cuda", base_models={"tinyllama": base_dir},
-                        serve_base_model="tinyllama", max_batch_size=64, gpu_adapter_slots=8,
-                        cpu_adapter_cache=32)
+    settings = Settings(
+        data_dir=args.work / "data",
+        device="cuda",
+        base_models={"tinyllama": base_dir},
+        serve_base_model="tinyllama",
+        max_batch_size=64,
+        gpu_adapter_slots=8,
+        cpu_adapter_cache=32,
+    )
     engine = Engine(settings)
     engine.start()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -148,6 +175,7 @@ def main() -> None:
 
     asyncio.run(scenario())
     from app.core.metrics import ADAPTER_LOAD_SECONDS
+
     samples = {s.name: s.value for m in ADAPTER_LOAD_SECONDS.collect() for s in m.samples}
     record("adapter_load_metric", {k: v for k, v in samples.items() if "_sum" in k or "_count" in k})
 
@@ -167,11 +195,15 @@ def main() -> None:
     import hashlib
 
     from app.inference.adapters import load_adapter_staged
+
     phases = {"sha256_alone": [], "load_adapter_staged": []}
     for ref in cold:
         path = ref.adapter_dir / "adapter_model.safetensors"
-        t0 = time.perf_counter(); data = path.read_bytes(); hashlib.sha256(data).hexdigest()
-        t1 = time.perf_counter(); load_adapter_staged(ref, base_dir, torch.bfloat16, pin=True)
+        t0 = time.perf_counter()
+        data = path.read_bytes()
+        hashlib.sha256(data).hexdigest()
+        t1 = time.perf_counter()
+        load_adapter_staged(ref, base_dir, torch.bfloat16, pin=True)
         t2 = time.perf_counter()
         phases["sha256_alone"].append(round(1000 * (t1 - t0), 2))
         phases["load_adapter_staged"].append(round(1000 * (t2 - t1), 2))
@@ -191,22 +223,29 @@ def main() -> None:
 
     prof = asyncio.run(profiled())
     (args.out / "profile_c16.txt").write_text(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=30) + "\n\n"
-        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        + "\n\n"
+        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+    )
     if args.eager:
         engine.decoder.use_graphs = False
         record("c16_eager", asyncio.run(closed_loop(engine, refs, 16, 2)))
         prof = asyncio.run(profiled())
         (args.out / "profile_c16_eager.txt").write_text(
-            prof.key_averages().table(sort_by="cuda_time_total", row_limit=25) + "\n\n"
-            + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            + "\n\n"
+            + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+        )
         engine.decoder.use_graphs = True
     engine.stop()
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     for key in ("c1", "c16", "c64", "c16_eager", "c16_during_cold_loads"):
         if key in results:
             r = results[key]
-            print(f"{key:24s} {r['tokens_per_s']:8.0f} tok/s  ttft p50 {r['ttft_ms_p50']:6.1f} ms  p90 {r['ttft_ms_p90']}")
+            print(
+                f"{key:24s} {r['tokens_per_s']:8.0f} tok/s  "
+                f"ttft p50 {r['ttft_ms_p50']:6.1f} ms  p90 {r['ttft_ms_p90']}"
+            )
     print("cold alone", results["cold_first_token_ms_alone"], "busy", results["cold_first_token_ms_busy"])
     print("pool_write_ms", results["pool_write_ms"], "load", results["adapter_load_metric"])
     print("loader phases", results["loader_phases_ms"])

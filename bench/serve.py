@@ -9,7 +9,16 @@ Both halves use a TinyLlama-1.1B-shaped model with random weights (bench/train.p
           httpx clients at concurrency 1, 16, 64: aggregate generated tok/s, TTFT p50/p99, cold-load p50.
 Results merged into docs/benchmarks/latest.json under "serve".
 """
-import argparse, asyncio, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -17,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench._results import merge  # noqa: E402
-from bench.train import build_checkpoint, CKPT  # noqa: E402
+from bench.train import CKPT, build_checkpoint  # noqa: E402
 
 N_AD, NEW, PROMPT_LEN = 8, 64, 48
 AD_ROOT = Path(os.environ.get("BENCH_ADAPTERS", "/tmp/bench-adapters"))
@@ -35,29 +44,40 @@ def ensure_tokenizer(path=CKPT):
         return
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{str(i): i for i in range(3, 32000)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(path)
 
 
 def load_base():
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                             bnb_4bit_use_double_quant=True)
-    return AutoModelForCausalLM.from_pretrained(CKPT, quantization_config=bnb, device_map={"": 0}, dtype=torch.bfloat16)
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        CKPT, quantization_config=bnb, device_map={"": 0}, dtype=torch.bfloat16
+    )
 
 
 def make_adapters(base):
     """8 random r=16 all-linear adapters (nonzero B) saved with save_pretrained under AD_ROOT/ad{i}."""
     from peft import LoraConfig, get_peft_model
+
     for i in range(N_AD):
         p = AD_ROOT / f"ad{i}"
         if not (p / "adapter_model.safetensors").exists():
             torch.manual_seed(i)
-            m = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                init_lora_weights=False))
+            m = get_peft_model(
+                base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+            )
             m.save_pretrained(str(p))
             base = m.unload()
     return base
@@ -65,6 +85,7 @@ def make_adapters(base):
 
 def run_naive(base, n_requests=8):
     from peft import PeftModel
+
     model = PeftModel.from_pretrained(base, str(AD_ROOT / "ad0"), adapter_name="ad0")
     for i in range(1, N_AD):
         model.load_adapter(str(AD_ROOT / f"ad{i}"), adapter_name=f"ad{i}")
@@ -73,25 +94,40 @@ def run_naive(base, n_requests=8):
 
     def gen():
         with torch.inference_mode():
-            return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW,
-                                  min_new_tokens=NEW, do_sample=False, pad_token_id=2)
+            return model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=2,
+            )
+
     gen()
     lat = []
-    torch.cuda.synchronize(); t0 = time.time()
+    torch.cuda.synchronize()
+    t0 = time.time()
     for k in range(n_requests):
         t = time.time()
         model.set_adapter(f"ad{k % N_AD}")
-        gen(); torch.cuda.synchronize()
+        gen()
+        torch.cuda.synchronize()
         lat.append(time.time() - t)
     dt = time.time() - t0
     loads = []
     for k in range(5):
-        torch.cuda.synchronize(); t = time.time()
+        torch.cuda.synchronize()
+        t = time.time()
         model.load_adapter(str(AD_ROOT / f"ad{k % N_AD}"), adapter_name=f"x{k}")
-        torch.cuda.synchronize(); loads.append(time.time() - t)
-    return dict(naive_tokens_per_s=round(n_requests * NEW / dt, 2), naive_latency_p50_s=round(pct(lat, 50), 4),
-                naive_requests=n_requests, naive_load_adapter_ms_p50=round(pct(loads, 50) * 1000, 1),
-                naive_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
+        torch.cuda.synchronize()
+        loads.append(time.time() - t)
+    return dict(
+        naive_tokens_per_s=round(n_requests * NEW / dt, 2),
+        naive_latency_p50_s=round(pct(lat, 50), 4),
+        naive_requests=n_requests,
+        naive_load_adapter_ms_p50=round(pct(loads, 50) * 1000, 1),
+        naive_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -102,7 +138,9 @@ def run_naive(base, n_requests=8):
 # GET /metrics with an adapter-load histogram (tuneforge_adapter_load_seconds*).
 # ------------------------------------------------------------------------------------------------------
 def _cli(env, *args):
-    r = subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     if r.returncode:
         raise RuntimeError(f"tuneforge {' '.join(args)} failed: {r.stderr[-2000:]}")
     return r.stdout
@@ -110,16 +148,31 @@ def _cli(env, *args):
 
 def setup_store(data_dir: Path, base_name=Path(CKPT).name):
     # The base name is the checkpoint's directory name: import checks the adapter's recorded base.
-    env = dict(os.environ, TUNEFORGE_DATA_DIR=str(data_dir), TUNEFORGE_BASE_MODELS=json.dumps({base_name: CKPT}),
-               TUNEFORGE_SERVE_BASE_MODEL=base_name, TUNEFORGE_DEVICE="cuda", PYTHONPATH=os.pathsep.join(
-                   [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]))
+    env = dict(
+        os.environ,
+        TUNEFORGE_DATA_DIR=str(data_dir),
+        TUNEFORGE_BASE_MODELS=json.dumps({base_name: CKPT}),
+        TUNEFORGE_SERVE_BASE_MODEL=base_name,
+        TUNEFORGE_DEVICE="cuda",
+        PYTHONPATH=os.pathsep.join([p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]),
+    )
     key_out = _cli(env, "keys", "create", "--tenant", "bench")
     m = re.search(r"(tf[-_][A-Za-z0-9_\-]{16,}|sk[-_][A-Za-z0-9_\-]{16,})", key_out)
     key = m.group(1) if m else key_out.strip().split()[-1]
     models = []
     for i in range(N_AD):
-        out = _cli(env, "models", "import", str(AD_ROOT / f"ad{i}"), "--tenant", "bench", "--name", f"ad{i}",
-                   "--base", base_name)
+        out = _cli(
+            env,
+            "models",
+            "import",
+            str(AD_ROOT / f"ad{i}"),
+            "--tenant",
+            "bench",
+            "--name",
+            f"ad{i}",
+            "--base",
+            base_name,
+        )
         mm = re.search(r"(ft:\S+)", out)
         models.append(mm.group(1) if mm else f"ft:{base_name}:bench:ad{i}")
     return env, key, models
@@ -127,11 +180,21 @@ def setup_store(data_dir: Path, base_name=Path(CKPT).name):
 
 async def _one(client, url, key, model, prompt_ids):
     import httpx  # noqa: F401
-    body = {"model": model, "prompt": prompt_ids, "max_tokens": NEW, "stream": True, "temperature": 0,
-            "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter(); ttft = None; n = 0
-    async with client.stream("POST", url + "/v1/completions", json=body,
-                             headers={"Authorization": f"Bearer {key}"}) as r:
+
+    body = {
+        "model": model,
+        "prompt": prompt_ids,
+        "max_tokens": NEW,
+        "stream": True,
+        "temperature": 0,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    ttft = None
+    n = 0
+    async with client.stream(
+        "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data:"):
@@ -149,21 +212,31 @@ async def _one(client, url, key, model, prompt_ids):
 
 
 async def drive(url, key, models, concurrency, total):
-    import httpx, random
+    import random
+
+    import httpx
+
     rnd = random.Random(concurrency)
     prompt = " ".join(str(rnd.randrange(100, 999)) for _ in range(PROMPT_LEN))  # ~48+ tokens of text
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+
         async def job(k):
             async with sem:
                 return await _one(c, url, key, models[k % len(models)], prompt)
+
         t0 = time.perf_counter()
         res = await asyncio.gather(*(job(k) for k in range(total)))
         dt = time.perf_counter() - t0
     ttfts = [r[0] for r in res if r[0] is not None]
     toks = sum(r[1] for r in res)  # SSE chunks ~ tokens; prefer usage if the server reports it
-    return dict(tokens_per_s=round(toks / dt, 2), ttft_p50_s=round(pct(ttfts, 50), 4), ttft_p99_s=round(pct(ttfts, 99), 4),
-                requests=total, chunks=toks)
+    return dict(
+        tokens_per_s=round(toks / dt, 2),
+        ttft_p50_s=round(pct(ttfts, 50), 4),
+        ttft_p99_s=round(pct(ttfts, 99), 4),
+        requests=total,
+        chunks=toks,
+    )
 
 
 def run_server(per_level=64, port=8765):
@@ -174,15 +247,23 @@ def run_server(per_level=64, port=8765):
     # The log goes straight to $OUT (if set) so that it survives a killed run; -X faulthandler:
     # SIGABRT on a stuck run dumps every thread's stack into it.
     log_path = Path(os.environ["OUT"]) / "api.log" if os.environ.get("OUT") else data_dir / "api.log"
-    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "app.cli", "api"], env=env,
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "faulthandler", "-m", "app.cli", "api"],
+        env=env,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=False,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
+
         deadline = time.time() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"tuneforge api exited ({proc.returncode}): {log_path.read_text()[-1500:]}")
+                raise RuntimeError(
+                    f"tuneforge api exited ({proc.returncode}): {log_path.read_text()[-1500:]}"
+                )
             if time.time() > deadline:
                 raise RuntimeError("tuneforge api did not come up in 180 s")
             try:
@@ -194,11 +275,14 @@ def run_server(per_level=64, port=8765):
         # minus a warm request to the same adapter; this also makes all 8 resident.
         cold = []
         for m in models:
-            c = asyncio.run(_one_client(url, key, m)); w = asyncio.run(_one_client(url, key, m))
+            c = asyncio.run(_one_client(url, key, m))
+            w = asyncio.run(_one_client(url, key, m))
             cold.append(c - w)
-        out = {"server_adapter_cold_load_p50_s": round(pct(cold, 50), 4),
-               "adapter_load_ms_p50": round(pct(cold, 50) * 1000, 1),
-               "adapter_load_ms_all": [round(c * 1000, 1) for c in cold]}
+        out = {
+            "server_adapter_cold_load_p50_s": round(pct(cold, 50), 4),
+            "adapter_load_ms_p50": round(pct(cold, 50) * 1000, 1),
+            "adapter_load_ms_all": [round(c * 1000, 1) for c in cold],
+        }
         for conc in (1, 16, 64):
             r = asyncio.run(drive(url, key, models, conc, 16 if conc == 1 else max(per_level, 4 * conc)))
             out[f"server_c{conc}"] = r
@@ -209,6 +293,7 @@ def run_server(per_level=64, port=8765):
     except BaseException:
         if proc.poll() is None:
             import signal
+
             proc.send_signal(signal.SIGABRT)  # faulthandler: stacks into the log
             time.sleep(2)
         raise
@@ -222,6 +307,7 @@ def run_server(per_level=64, port=8765):
 
 async def _one_client(url, key, model):
     import httpx
+
     async with httpx.AsyncClient(timeout=60) as c:
         ttft, _, _ = await _one(c, url, key, model, " ".join(["7"] * PROMPT_LEN))
     return ttft
@@ -239,7 +325,8 @@ def main():
     if a.only in (None, "naive"):
         out.update(run_naive(base))
         print("naive", json.dumps(out), flush=True)
-    del base; torch.cuda.empty_cache()
+    del base
+    torch.cuda.empty_cache()
     if a.only in (None, "server"):
         try:
             out.update(run_server(a.requests_per_level))

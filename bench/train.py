@@ -5,6 +5,7 @@ Builds a TinyLlama-1.1B-shaped LlamaConfig model with random weights on the devi
 data (lognormal lengths, median ~134, max 512). Measures real (non-pad) tokens/s after warm-up, peak GPU
 memory, and loss vs tokens. Results merged into docs/benchmarks/latest.json under "train".
 """
+
 import argparse
 import json
 import os
@@ -24,11 +25,24 @@ WARM = 3
 
 def build_checkpoint(path=CKPT):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                      rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     return path
@@ -45,7 +59,7 @@ def loss_at_tokens(traj, marks=(10_000, 20_000, 40_000, 80_000)):
     """traj: list of (cumulative real tokens, loss). Returns loss at the first point >= each mark."""
     out = {}
     for m in marks:
-        hit = next((l for t, l in traj if t >= m), None)
+        hit = next((loss for t, loss in traj if t >= m), None)
         if hit is not None:
             out[str(m)] = round(hit, 4)
     return out
@@ -61,28 +75,48 @@ def run_seed(steps):
         TrainingArguments,
         default_data_collator,
     )
-    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     bs, ga = 2, 4
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
-                             bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(CKPT, quantization_config=bnb, device_map={"": 0},
-                                                 dtype=torch.float16, attn_implementation="sdpa")
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_use_double_quant=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        CKPT, quantization_config=bnb, device_map={"": 0}, dtype=torch.float16, attn_implementation="sdpa"
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        ),
+    )
     data = []
     for ids in synthetic_examples(bs * ga * steps):
-        L = len(ids); pad = 512 - L
-        data.append({"input_ids": torch.tensor(ids + [2] * pad), "attention_mask": torch.tensor([1] * L + [0] * pad),
-                     "labels": torch.tensor(ids + [-100] * pad)})
+        L = len(ids)
+        pad = 512 - L
+        data.append(
+            {
+                "input_ids": torch.tensor(ids + [2] * pad),
+                "attention_mask": torch.tensor([1] * L + [0] * pad),
+                "labels": torch.tensor(ids + [-100] * pad),
+            }
+        )
     st = {"t0": None, "t1": None, "tokens": 0, "all_tokens": 0, "step_tokens": 0, "traj": []}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == WARM:
-                torch.cuda.synchronize(); st["t0"] = time.time()
+                torch.cuda.synchronize()
+                st["t0"] = time.time()
+
         def on_train_end(self, args, state, control, **kw):
-            torch.cuda.synchronize(); st["t1"] = time.time()
+            torch.cuda.synchronize()
+            st["t1"] = time.time()
 
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, *a, **k):
@@ -93,27 +127,51 @@ def run_seed(steps):
             loss = super().training_step(model, inputs, *a, **k)
             st["traj_pending"] = float(loss.detach())  # micro-batch loss (already /ga)
             st["step_tokens"] += n
-            st.setdefault("acc", 0.0); st["acc"] += st["traj_pending"]
+            st.setdefault("acc", 0.0)
+            st["acc"] += st["traj_pending"]
             if st["step_tokens"] and (len(st["traj"]) < 10**6):
                 pass
             return loss
 
     class LossLog(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            st["traj"].append((st["all_tokens"], st.get("acc", 0.0))); st["acc"] = 0.0
+            st["traj"].append((st["all_tokens"], st.get("acc", 0.0)))
+            st["acc"] = 0.0
 
-    args = TrainingArguments(output_dir="/tmp/run-seed", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                             max_steps=steps, learning_rate=2e-4, logging_steps=5, report_to="none", fp16=True,
-                             bf16=False, save_strategy="no", remove_unused_columns=False, dataloader_num_workers=0,
-                             gradient_checkpointing=True)
-    tr = CountingTrainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-                         callbacks=[Timer(), LossLog()])
+    args = TrainingArguments(
+        output_dir="/tmp/run-seed",
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        max_steps=steps,
+        learning_rate=2e-4,
+        logging_steps=5,
+        report_to="none",
+        fp16=True,
+        bf16=False,
+        save_strategy="no",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        gradient_checkpointing=True,
+    )
+    tr = CountingTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=default_data_collator,
+        callbacks=[Timer(), LossLog()],
+    )
     tr.train()
     dt = st["t1"] - st["t0"]
-    res = {"tokens_per_s": st["tokens"] / dt, "seconds": dt, "tokens": st["tokens"], "steps": steps,
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-               "loss_trajectory": [[t, round(l, 4)] for t, l in st["traj"]]}
-    del tr, model; torch.cuda.empty_cache()
+    res = {
+        "tokens_per_s": st["tokens"] / dt,
+        "seconds": dt,
+        "tokens": st["tokens"],
+        "steps": steps,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss_trajectory": [[t, round(loss, 4)] for t, loss in st["traj"]],
+    }
+    del tr, model
+    torch.cuda.empty_cache()
     return res
 
 
@@ -130,8 +188,11 @@ def run_tuneforge(steps, batch_size):
         from worker.pipeline import bench_train
     except ImportError as e:
         return {"skipped": f"worker.pipeline.bench_train not available: {e}"}
-    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-    r = bench_train(synthetic_examples(4000), CKPT, steps=steps, warmup_steps=WARM, seed=0, batch_size=batch_size)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    r = bench_train(
+        synthetic_examples(4000), CKPT, steps=steps, warmup_steps=WARM, seed=0, batch_size=batch_size
+    )
     r["tokens_per_s"] = r["tokens"] / r["seconds"]
     return r
 
@@ -140,26 +201,39 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--only", choices=["seed", "tuneforge"], default=None)
-    ap.add_argument("--batch-size", type=int, default=128, help="Tuneforge examples per step (the API auto value is 16; see docs/BENCHMARKS.md)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="Tuneforge examples per step (the API auto value is 16; see docs/BENCHMARKS.md)",
+    )
     a = ap.parse_args()
     build_checkpoint()
     out = {}
     if a.only in (None, "seed"):
         s = run_seed(a.steps)
         print("seed", json.dumps({k: v for k, v in s.items() if k != "loss_trajectory"}), flush=True)
-        out.update(seed_tokens_per_s=round(s["tokens_per_s"], 1), seed_peak_gib=round(s["peak_gib"], 3),
-                   seed_steps=a.steps, seed_loss_trajectory=s["loss_trajectory"],
-                   seed_loss_at_tokens=loss_at_tokens(s["loss_trajectory"]))
+        out.update(
+            seed_tokens_per_s=round(s["tokens_per_s"], 1),
+            seed_peak_gib=round(s["peak_gib"], 3),
+            seed_steps=a.steps,
+            seed_loss_trajectory=s["loss_trajectory"],
+            seed_loss_at_tokens=loss_at_tokens(s["loss_trajectory"]),
+        )
     if a.only in (None, "tuneforge"):
         t = run_tuneforge(a.steps, a.batch_size)
         print("tuneforge", json.dumps({k: v for k, v in t.items() if k != "loss_trajectory"}), flush=True)
         if "skipped" in t:
             out["tuneforge_skipped"] = t["skipped"]
         else:
-            out.update(tuneforge_batch_size=a.batch_size, tuneforge_steps=a.steps,
-                       tuneforge_tokens_per_s=round(t["tokens_per_s"], 1), tuneforge_peak_gib=round(t["peak_gib"], 3),
-                       tuneforge_loss_trajectory=t.get("loss_trajectory"),
-                       tuneforge_loss_at_tokens=loss_at_tokens(t.get("loss_trajectory") or []))
+            out.update(
+                tuneforge_batch_size=a.batch_size,
+                tuneforge_steps=a.steps,
+                tuneforge_tokens_per_s=round(t["tokens_per_s"], 1),
+                tuneforge_peak_gib=round(t["peak_gib"], 3),
+                tuneforge_loss_trajectory=t.get("loss_trajectory"),
+                tuneforge_loss_at_tokens=loss_at_tokens(t.get("loss_trajectory") or []),
+            )
     merge("train", out)
 
 

@@ -3,6 +3,7 @@
 python3 bench/train_matrix.py [--steps 12]   -> prints one JSON line per config, profile tables,
 merges train.matrix into docs/benchmarks/latest.json.
 """
+
 import argparse
 import json
 import sys
@@ -33,12 +34,17 @@ def run(name, hp, budget, kind, steps, data):
     if kind == "plain":
         pipeline.train_step = pipeline.plain_step
     try:
-        torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         r = pipeline.bench_train(data, CKPT, steps=steps, warmup_steps=WARM, seed=0, **hp)
     finally:
         pipeline.train_step = original
-    r.update(name=name, micro_batch_tokens=budget, tokens_per_s=r["tokens"] / r["seconds"],
-             loss_at_tokens=loss_at_tokens(r["loss_trajectory"]))
+    r.update(
+        name=name,
+        micro_batch_tokens=budget,
+        tokens_per_s=r["tokens"] / r["seconds"],
+        loss_at_tokens=loss_at_tokens(r["loss_trajectory"]),
+    )
     print(name, json.dumps({k: v for k, v in r.items() if k != "loss_trajectory"}), flush=True)
     return r
 
@@ -47,12 +53,27 @@ def profile(data, batch_size=128):
     """Two steps of the fast path under torch.profiler, top CUDA kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
+
     pipeline.MICRO_BATCH_TOKENS = 16384
     config = pipeline.TrainConfig(
-        base_model_dir=Path(CKPT), training_file=Path("-"), training_format="text", validation_file=None,
-        validation_format=None, seed=0, device="cuda", checkpoint_every_steps=10**9, n_epochs=1,
-        batch_size=batch_size, learning_rate=2e-4, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-        target_modules="all-linear", max_seq_length=1024, packing=True)
+        base_model_dir=Path(CKPT),
+        training_file=Path("-"),
+        training_format="text",
+        validation_file=None,
+        validation_format=None,
+        seed=0,
+        device="cuda",
+        checkpoint_every_steps=10**9,
+        n_epochs=1,
+        batch_size=batch_size,
+        learning_rate=2e-4,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules="all-linear",
+        max_seq_length=1024,
+        packing=True,
+    )
     model = pipeline.attach_lora(pipeline.load_base_model(config.base_model_dir, "cuda"), config)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -60,14 +81,19 @@ def profile(data, batch_size=128):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     ex = [pipeline.Example(ids, list(ids)) for ids in data]
     for s in range(2):
-        pipeline.train_step(model, ex[s * batch_size:(s + 1) * batch_size], 2, config); pipeline.optimizer_step(trainable, opt, sched)
+        pipeline.train_step(model, ex[s * batch_size : (s + 1) * batch_size], 2, config)
+        pipeline.optimizer_step(trainable, opt, sched)
     torch.cuda.synchronize()
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for s in range(2, 4):
-            pipeline.train_step(model, ex[s * batch_size:(s + 1) * batch_size], 2, config); pipeline.optimizer_step(trainable, opt, sched)
+            pipeline.train_step(model, ex[s * batch_size : (s + 1) * batch_size], 2, config)
+            pipeline.optimizer_step(trainable, opt, sched)
         torch.cuda.synchronize()
-    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
-    del model, opt; torch.cuda.empty_cache()
+    print(
+        p.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True
+    )
+    del model, opt
+    torch.cuda.empty_cache()
 
 
 def main():
@@ -81,7 +107,11 @@ def main():
     for name, hp, budget, kind in CONFIGS:
         try:
             r = run(name, hp, budget, kind, a.steps, data)
-            results[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "loss_trajectory"}
+            results[name] = {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in r.items()
+                if k != "loss_trajectory"
+            }
         except Exception as e:  # noqa: BLE001 -- keep measuring the others (e.g. out of memory)
             print(name, "failed", repr(e)[:300], flush=True)
             results[name] = {"failed": repr(e)[:300]}

@@ -1,5 +1,6 @@
 """Shared fixtures: real SQLite files and a real PostgreSQL database per run, a data dir per test
 with the embedded base model materialised once per machine and linked in."""
+
 import os
 import secrets
 import socket
@@ -11,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -97,7 +97,8 @@ def settings(tmp_path, database_url, monkeypatch) -> Settings:
     monkeypatch.setenv("TUNEFORGE_DATA_DIR", str(data_dir))
     monkeypatch.setenv("TUNEFORGE_DATABASE_URL", database_url)
     monkeypatch.setenv("TUNEFORGE_DEVICE", "cpu")
-    from app.core import db, settings as settings_module
+    from app.core import db
+    from app.core import settings as settings_module
 
     settings_module.get_settings.cache_clear()
     db.get_engine.cache_clear()
@@ -117,7 +118,11 @@ def tuneforge(*args: str, env: dict | None = None, check: bool = True) -> subpro
     """Run the real console script."""
     return subprocess.run(
         [str(REPO / ".venv" / "bin" / "tuneforge"), *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, check=check, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=check,
+        timeout=300,
     )
 
 
@@ -129,7 +134,9 @@ def running_api(env: dict, port: int | None = None):
     log = tempfile.NamedTemporaryFile("w+", prefix="tuneforge-api-", suffix=".log")
     proc = subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "tuneforge"), "api"],
-        env={**os.environ, **env, "TUNEFORGE_PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **env, "TUNEFORGE_PORT": str(port)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,5 +1,6 @@
 """Test adapters for the inference engine: PEFT-format LoRA weights with a fixed seed (B nonzero so
 outputs differ from the base), published to the artifact store with a Model row."""
+
 import json
 import secrets
 import shutil
@@ -20,23 +21,41 @@ DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 
 def write_peft_adapter(
-    directory: Path, base_dir: Path, seed: int, rank: int = 8, alpha: int = 16,
-    targets: tuple[str, ...] = DEFAULT_TARGETS, std: float = 0.05,
+    directory: Path,
+    base_dir: Path,
+    seed: int,
+    rank: int = 8,
+    alpha: int = 16,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    std: float = 0.05,
 ) -> Path:
     """Write adapter_config.json and adapter_model.safetensors as peft's save_pretrained does."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for module, (out_features, in_features) in sorted(base_linear_shapes(base_dir).items()):
         if module.rsplit(".", 1)[-1] in targets:
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * std
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * std
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = (
+                torch.randn(rank, in_features, generator=generator) * std
+            )
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (
+                torch.randn(out_features, rank, generator=generator) * std
+            )
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir),
-        "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "modules_to_save": None, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_dir),
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": list(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
     }
     (directory / "adapter_config.json").write_text(json.dumps(config))
     return directory
@@ -60,7 +79,12 @@ def publish_adapter_files(settings: Settings, seed: int, **kw) -> Path:
 
 
 def publish_test_adapter(
-    settings: Settings, tenant_name: str, model_id: str, seed: int, kind: str = "fine_tune", **kw,
+    settings: Settings,
+    tenant_name: str,
+    model_id: str,
+    seed: int,
+    kind: str = "fine_tune",
+    **kw,
 ) -> Model:
     """Publish a seeded adapter and point `model_id` of the tenant at it."""
     final = publish_adapter_files(settings, seed, **kw)
@@ -69,8 +93,14 @@ def publish_test_adapter(
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
             tenant = get_or_create_tenant(session, tenant_name)
-            row = Model(id=model_id, tenant_id=tenant.id, base_model=EMBEDDED_BASE_MODEL,
-                        kind=kind, version=version, path=str(final.relative_to(settings.data_dir)))
+            row = Model(
+                id=model_id,
+                tenant_id=tenant.id,
+                base_model=EMBEDDED_BASE_MODEL,
+                kind=kind,
+                version=version,
+                path=str(final.relative_to(settings.data_dir)),
+            )
             session.add(row)
     finally:
         engine.dispose()

@@ -3,6 +3,7 @@
 Loss is taken only on what the model should learn to write: assistant turns of a chat, the
 completion of a prompt/completion pair; `text` rows train on every token. Labels are -100 elsewhere.
 """
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,11 @@ def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[i
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
+        start = (
+            len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+            if i
+            else 0
+        )
         end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
         spans.append((start, end))
     return text, spans
@@ -93,7 +98,9 @@ def load_examples(path: Path, file_format: str, tokenizer, max_seq_length: int, 
                 _check_shape(row, file_format)
                 example = tokenize_row(row, file_format, tokenizer)
             except ValueError as exc:
-                raise UserError("invalid_file_format", f"Line {number} of the {param} is malformed: {exc}", param) from exc
+                raise UserError(
+                    "invalid_file_format", f"Line {number} of the {param} is malformed: {exc}", param
+                ) from exc
             if len(example.input_ids) > max_seq_length:
                 raise UserError(
                     "sequence_too_long",
@@ -102,7 +109,11 @@ def load_examples(path: Path, file_format: str, tokenizer, max_seq_length: int, 
                     param,
                 )
             if all(label == IGNORE_INDEX for label in example.labels):
-                raise UserError("invalid_file_format", f"Line {number} of the {param} has nothing to learn (no assistant or completion tokens).", param)
+                raise UserError(
+                    "invalid_file_format",
+                    f"Line {number} of the {param} has nothing to learn (no assistant or completion tokens).",
+                    param,
+                )
             examples.append(example)
     if not examples:
         raise UserError("invalid_file_format", f"The {param} has no examples.", param)

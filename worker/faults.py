@@ -6,6 +6,7 @@
 - TUNEFORGE_TEST_INFRA_FAILURES=N: the first N attempts of every job fail with an InfraError.
 - TUNEFORGE_TEST_CRASH_AT=<point>: the process dies (os._exit) at that point of publishing.
 """
+
 import hashlib
 import json
 import os
@@ -45,8 +46,9 @@ def train_noop(job_id: str, hooks: TrainingHooks, resume_from: Path | None) -> T
         action = hooks.control()
         if action != "continue":
             if step > start:
-                hooks.save_checkpoint(step, lambda d, s=step: _write_noop_checkpoint(d, job_id, s),
-                                      {"step": step})
+                hooks.save_checkpoint(
+                    step, lambda d, s=step: _write_noop_checkpoint(d, job_id, s), {"step": step}
+                )
             return TrainResult(action, step, step, lambda d: _write_noop_adapter(d, job_id))
         time.sleep(step_seconds)
         step += 1
@@ -60,7 +62,10 @@ def _write_noop_adapter(directory: Path, job_id: str) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     seed = int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "little")
-    save_file({"noop": np.random.default_rng(seed).random(4, dtype=np.float32)}, directory / "adapter_model.safetensors")
+    save_file(
+        {"noop": np.random.default_rng(seed).random(4, dtype=np.float32)},
+        directory / "adapter_model.safetensors",
+    )
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "noop": True}))
 
 

@@ -3,6 +3,7 @@
 matched means the job was cancelled or another attempt owns it now, so the write is dropped and
 JobLost raised. The update also locks the row until commit, so a cancel or a takeover cannot
 interleave with what the transaction writes (PostgreSQL row lock; SQLite BEGIN IMMEDIATE)."""
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 

@@ -1,5 +1,6 @@
 """The contract between the worker loop and a training recipe (kept free of torch so the loop and
 the test recipe start fast)."""
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

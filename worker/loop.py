@@ -6,6 +6,7 @@ re-checks it with a conditional UPDATE. Every later write is fenced by the attem
 Errors: UserError fails the job at once; anything else is an infrastructure error, retried with
 exponential backoff up to settings.max_attempts; JobLost (cancelled, or taken over) stops at once.
 """
+
 import gc
 import logging
 import os
@@ -69,10 +70,12 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str, settings: Setting
         with sessions() as session, session.begin():
             job = session.scalars(
                 select(Job)
-                .where(or_(
-                    and_(Job.status == JobStatus.queued, Job.run_after <= moment),
-                    and_(Job.status == JobStatus.running, Job.lease_expires_at < moment),
-                ))
+                .where(
+                    or_(
+                        and_(Job.status == JobStatus.queued, Job.run_after <= moment),
+                        and_(Job.status == JobStatus.running, Job.lease_expires_at < moment),
+                    )
+                )
                 .order_by(Job.created_at, Job.id)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -83,35 +86,68 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str, settings: Setting
             failures = job.infra_failures + stalled  # a worker that died counts as an infrastructure failure
             guard = update(Job).where(Job.id == job.id, Job.attempt == job.attempt, Job.status == job.status)
             if stalled and policy.exhausted(failures):
-                error = {"code": "worker_lost",
-                         "message": f"The worker running this job stopped responding {failures} times.",
-                         "param": None}
-                if session.execute(guard.values(
-                    status=JobStatus.failed, error=error, infra_failures=failures, finished_at=now(),
-                    lease_expires_at=None, worker_id=None,
-                )).rowcount:
-                    session.add(JobEvent(job_id=job.id, level="error", message=error["message"], data={"error": error}))
+                error = {
+                    "code": "worker_lost",
+                    "message": f"The worker running this job stopped responding {failures} times.",
+                    "param": None,
+                }
+                if session.execute(
+                    guard.values(
+                        status=JobStatus.failed,
+                        error=error,
+                        infra_failures=failures,
+                        finished_at=now(),
+                        lease_expires_at=None,
+                        worker_id=None,
+                    )
+                ).rowcount:
+                    session.add(
+                        JobEvent(
+                            job_id=job.id, level="error", message=error["message"], data={"error": error}
+                        )
+                    )
                 continue
             attempt = job.attempt + 1
-            claimed = session.execute(guard.values(
-                status=JobStatus.running, worker_id=worker_id, attempt=attempt, infra_failures=failures,
-                lease_expires_at=moment + settings.lease_seconds,
-                started_at=job.started_at or now(),
-            )).rowcount
+            claimed = session.execute(
+                guard.values(
+                    status=JobStatus.running,
+                    worker_id=worker_id,
+                    attempt=attempt,
+                    infra_failures=failures,
+                    lease_expires_at=moment + settings.lease_seconds,
+                    started_at=job.started_at or now(),
+                )
+            ).rowcount
             if not claimed:
                 continue
             note = " after its previous worker stopped responding" if stalled else ""
-            session.add(JobEvent(job_id=job.id, message=f"Attempt {attempt} started on worker {worker_id}{note}",
-                                 data={"attempt": attempt, "worker_id": worker_id}))
-            formats = dict(session.execute(
-                select(File.id, File.format).where(File.id.in_([job.training_file, job.validation_file or ""]))
-            ).all())
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    message=f"Attempt {attempt} started on worker {worker_id}{note}",
+                    data={"attempt": attempt, "worker_id": worker_id},
+                )
+            )
+            formats = dict(
+                session.execute(
+                    select(File.id, File.format).where(
+                        File.id.in_([job.training_file, job.validation_file or ""])
+                    )
+                ).all()
+            )
             return ClaimedJob(
-                id=job.id, tenant_id=job.tenant_id, model=job.model,
-                training_file=job.training_file, training_format=formats.get(job.training_file),
-                validation_file=job.validation_file, validation_format=formats.get(job.validation_file),
-                hyperparameters=dict(job.hyperparameters), seed=job.seed, output_model=job.output_model,
-                attempt=attempt, infra_failures=failures,
+                id=job.id,
+                tenant_id=job.tenant_id,
+                model=job.model,
+                training_file=job.training_file,
+                training_format=formats.get(job.training_file),
+                validation_file=job.validation_file,
+                validation_format=formats.get(job.validation_file),
+                hyperparameters=dict(job.hyperparameters),
+                seed=job.seed,
+                output_model=job.output_model,
+                attempt=attempt,
+                infra_failures=failures,
             )
 
 
@@ -137,7 +173,9 @@ class Lease:
     def _beat(self) -> None:
         while not self._done.wait(self.settings.heartbeat_seconds):
             try:
-                with self.fence.transaction(lease_expires_at=time.time() + self.settings.lease_seconds) as session:
+                with self.fence.transaction(
+                    lease_expires_at=time.time() + self.settings.lease_seconds
+                ) as session:
                     if session.scalar(select(Job.pause_requested).where(Job.id == self.fence.job_id)):
                         self.pause_requested.set()
             except JobLost:
@@ -178,11 +216,15 @@ def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Pa
     from worker import pipeline  # torch is imported only by workers that train
 
     if job.training_format is None:
-        raise UserError("file_not_found", f"The training file {job.training_file} no longer exists.", "training_file")
+        raise UserError(
+            "file_not_found", f"The training file {job.training_file} no longer exists.", "training_file"
+        )
     try:
         base_model_dir = resolve_base_model(job.model, settings)
     except UnknownBaseModel as exc:
-        raise UserError("model_not_available", f"The base model {job.model!r} is not available on this worker.", "model") from exc
+        raise UserError(
+            "model_not_available", f"The base model {job.model!r} is not available on this worker.", "model"
+        ) from exc
     config = pipeline.TrainConfig.from_job(
         job.hyperparameters,
         base_model_dir=base_model_dir,
@@ -197,7 +239,9 @@ def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Pa
     return pipeline.train(config, hooks, resume_from)
 
 
-def run_job(settings: Settings, sessions: sessionmaker[Session], job: ClaimedJob, shutdown: threading.Event) -> None:
+def run_job(
+    settings: Settings, sessions: sessionmaker[Session], job: ClaimedJob, shutdown: threading.Event
+) -> None:
     fence = Fence(sessions, job.id, job.attempt)
     store.remove_job_temps(settings, job.id)
     try:
@@ -211,12 +255,24 @@ def run_job(settings: Settings, sessions: sessionmaker[Session], job: ClaimedJob
             if result.outcome == "continue":
                 store.publish_adapter(settings, fence, job, result.save_adapter, result.trained_tokens)
             elif result.outcome == "pause":
-                fence.event(f"Job paused at step {result.step}", data={"step": result.step},
-                            status=JobStatus.paused, pause_requested=False, lease_expires_at=None, worker_id=None)
+                fence.event(
+                    f"Job paused at step {result.step}",
+                    data={"step": result.step},
+                    status=JobStatus.paused,
+                    pause_requested=False,
+                    lease_expires_at=None,
+                    worker_id=None,
+                )
             else:
-                fence.event(f"Worker shutting down: job released at step {result.step}; "
-                            "it resumes from its last checkpoint", data={"step": result.step},
-                            status=JobStatus.queued, lease_expires_at=None, worker_id=None, run_after=time.time())
+                fence.event(
+                    f"Worker shutting down: job released at step {result.step}; "
+                    "it resumes from its last checkpoint",
+                    data={"step": result.step},
+                    status=JobStatus.queued,
+                    lease_expires_at=None,
+                    worker_id=None,
+                    run_after=time.time(),
+                )
     except JobLost:
         _record_lost(sessions, job)
     except UserError as exc:
@@ -248,8 +304,16 @@ def _record_lost(sessions: sessionmaker[Session], job: ClaimedJob) -> None:
 
 def _fail(fence: Fence, error: dict, **job_values) -> None:
     try:
-        fence.event(f"Job failed: {error['message']}", level="error", data={"error": error},
-                    status=JobStatus.failed, error=error, finished_at=now(), lease_expires_at=None, **job_values)
+        fence.event(
+            f"Job failed: {error['message']}",
+            level="error",
+            data={"error": error},
+            status=JobStatus.failed,
+            error=error,
+            finished_at=now(),
+            lease_expires_at=None,
+            **job_values,
+        )
     except JobLost:
         pass
 
@@ -259,16 +323,28 @@ def _retry_or_fail(settings: Settings, fence: Fence, job: ClaimedJob, exc: Excep
     failures = job.infra_failures + 1
     cause = f"{type(exc).__name__}: {exc}"
     if policy.exhausted(failures):
-        _fail(fence, {"code": "infrastructure_error",
-                      "message": f"Training failed {failures} times; last cause: {cause}", "param": None},
-              infra_failures=failures)
+        _fail(
+            fence,
+            {
+                "code": "infrastructure_error",
+                "message": f"Training failed {failures} times; last cause: {cause}",
+                "param": None,
+            },
+            infra_failures=failures,
+        )
         return
     delay = policy.delay(failures)
     try:
-        fence.event(f"Attempt {job.attempt} hit an infrastructure error ({cause}); retrying in {delay:g} s",
-                    level="warning", data={"attempt": job.attempt, "retry_in_seconds": delay},
-                    status=JobStatus.queued, infra_failures=failures, run_after=time.time() + delay,
-                    lease_expires_at=None, worker_id=None)
+        fence.event(
+            f"Attempt {job.attempt} hit an infrastructure error ({cause}); retrying in {delay:g} s",
+            level="warning",
+            data={"attempt": job.attempt, "retry_in_seconds": delay},
+            status=JobStatus.queued,
+            infra_failures=failures,
+            run_after=time.time() + delay,
+            lease_expires_at=None,
+            worker_id=None,
+        )
     except JobLost:
         pass
 

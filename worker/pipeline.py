@@ -14,6 +14,7 @@ or a resumed job continues from the same step.
 
 The worker loop owns the database and the artifact store; this file owns the model and the math.
 """
+
 import json
 import math
 import time
@@ -78,20 +79,49 @@ class TrainConfig:
         def require(ok: bool, name: str, what: str) -> None:
             if not ok:
                 value = getattr(self, name)
-                raise UserError("invalid_hyperparameters", f"{name}={value!r} is invalid: {what}.", f"hyperparameters.{name}")
+                raise UserError(
+                    "invalid_hyperparameters",
+                    f"{name}={value!r} is invalid: {what}.",
+                    f"hyperparameters.{name}",
+                )
 
-        require(isinstance(self.n_epochs, int) and self.n_epochs >= 1, "n_epochs", "use an integer of at least 1")
-        require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use an integer of at least 1")
-        require(isinstance(self.learning_rate, int | float) and 0 < self.learning_rate < 1, "learning_rate", "must be between 0 and 1")
+        require(
+            isinstance(self.n_epochs, int) and self.n_epochs >= 1, "n_epochs", "use an integer of at least 1"
+        )
+        require(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            "batch_size",
+            "use an integer of at least 1",
+        )
+        require(
+            isinstance(self.learning_rate, int | float) and 0 < self.learning_rate < 1,
+            "learning_rate",
+            "must be between 0 and 1",
+        )
         require(isinstance(self.lora_r, int) and self.lora_r >= 1, "lora_r", "use an integer of at least 1")
-        require(isinstance(self.lora_alpha, int | float) and self.lora_alpha > 0, "lora_alpha", "must be positive")
-        require(isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        require(isinstance(self.max_seq_length, int) and self.max_seq_length >= 8, "max_seq_length", "use an integer of at least 8")
+        require(
+            isinstance(self.lora_alpha, int | float) and self.lora_alpha > 0, "lora_alpha", "must be positive"
+        )
+        require(
+            isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1,
+            "lora_dropout",
+            "must be in [0, 1)",
+        )
+        require(
+            isinstance(self.max_seq_length, int) and self.max_seq_length >= 8,
+            "max_seq_length",
+            "use an integer of at least 8",
+        )
         require(isinstance(self.packing, bool), "packing", "must be true or false")
         require(
             self.target_modules == "all-linear"
-            or (isinstance(self.target_modules, list) and self.target_modules and all(isinstance(m, str) for m in self.target_modules)),
-            "target_modules", 'use "all-linear" or a non-empty list of module names',
+            or (
+                isinstance(self.target_modules, list)
+                and self.target_modules
+                and all(isinstance(m, str) for m in self.target_modules)
+            ),
+            "target_modules",
+            'use "all-linear" or a non-empty list of module names',
         )
 
 
@@ -116,7 +146,9 @@ def load_base_model(base_model_dir: Path, device: str):
         bnb_4bit_compute_dtype=compute_dtype,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        base_model_dir, quantization_config=quantization, dtype=compute_dtype,
+        base_model_dir,
+        quantization_config=quantization,
+        dtype=compute_dtype,
         device_map={"": 0 if device == "cuda" else "cpu"},
     )
     model = prepare_model_for_kbit_training(
@@ -137,16 +169,22 @@ def attach_lora(model, config: TrainConfig):
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = sorted(set(config.target_modules) - present)
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__} - {"lm_head"})
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "Linear" in type(m).__name__}
+                - {"lm_head"}
+            )
             raise UserError(
                 "invalid_hyperparameters",
                 f"target_modules names {missing}, which this base model does not have; "
-                f"its linear modules are {linear} (or use \"all-linear\").",
+                f'its linear modules are {linear} (or use "all-linear").',
                 "hyperparameters.target_modules",
             )
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules, task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
@@ -238,7 +276,9 @@ def micro_batches(examples: list[Example], pad_id: int, config: TrainConfig) -> 
     if config.device == "cuda":
         # Few distinct shapes: cuDNN attention builds an execution plan per new shape, and fixed
         # shapes are what CUDA graphs / torch.compile would need next.
-        width = config.max_seq_length if config.packing else min(config.max_seq_length, -(-width // 128) * 128)
+        width = (
+            config.max_seq_length if config.packing else min(config.max_seq_length, -(-width // 128) * 128)
+        )
     rows_per_batch = max(1, MICRO_BATCH_TOKENS // width) if config.device == "cuda" else len(rows)
     batches = []
     for start in range(0, len(rows), rows_per_batch):
@@ -257,10 +297,14 @@ def micro_batches(examples: list[Example], pad_id: int, config: TrainConfig) -> 
             pad = width - len(row_ids)
             ids.append(row_ids + [pad_id] * pad)
             positions.append(row_positions + list(range(pad)))
-        batches.append({
-            "input_ids": torch.tensor(ids), "position_ids": torch.tensor(positions),
-            "target_index": torch.tensor(index, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
-        })
+        batches.append(
+            {
+                "input_ids": torch.tensor(ids),
+                "position_ids": torch.tensor(positions),
+                "target_index": torch.tensor(index, dtype=torch.long),
+                "targets": torch.tensor(targets, dtype=torch.long),
+            }
+        )
     return batches
 
 
@@ -341,7 +385,9 @@ def validation_loss(model, examples: list[Example], config: TrainConfig, pad_id:
 
 
 def make_optimizer(trainable: list, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0, fused=config.device == "cuda")
+    return torch.optim.AdamW(
+        trainable, lr=config.learning_rate, weight_decay=0.0, fused=config.device == "cuda"
+    )
 
 
 def optimizer_step(trainable: list, optimizer, scheduler) -> None:
@@ -355,10 +401,19 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.base_model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = load_examples(config.training_file, config.training_format, tokenizer, config.max_seq_length, "training_file")
+    train_set = load_examples(
+        config.training_file, config.training_format, tokenizer, config.max_seq_length, "training_file"
+    )
     valid_set = (
-        load_examples(config.validation_file, config.validation_format, tokenizer, config.max_seq_length, "validation_file")
-        if config.validation_file else []
+        load_examples(
+            config.validation_file,
+            config.validation_format,
+            tokenizer,
+            config.max_seq_length,
+            "validation_file",
+        )
+        if config.validation_file
+        else []
     )
 
     model = attach_lora(load_base_model(config.base_model_dir, config.device), config)
@@ -366,7 +421,9 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
     optimizer = make_optimizer(trainable, config)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.n_epochs * steps_per_epoch
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * total_steps), total_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, math.ceil(WARMUP_FRACTION * total_steps), total_steps
+    )
 
     step, trained_tokens = 0, 0
     if resume_from is not None:
@@ -378,9 +435,16 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
         model.save_pretrained(directory, safe_serialization=True)
 
     def checkpoint(metrics: dict) -> None:
-        state = {"step": step, "epoch": step / steps_per_epoch, "trained_tokens": trained_tokens,
-                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
-        hooks.save_checkpoint(step, lambda d: write_training_state(d, model, optimizer, scheduler, state), metrics)
+        state = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "trained_tokens": trained_tokens,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+        }
+        hooks.save_checkpoint(
+            step, lambda d: write_training_state(d, model, optimizer, scheduler, state), metrics
+        )
 
     model.train()
     last_saved, window_losses, window_tokens, window_start = step, [], 0, time.monotonic()
@@ -407,7 +471,8 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
         if save_now or step % LOG_EVERY_STEPS == 0:
             elapsed = max(time.monotonic() - window_start, 1e-9)
             metrics = {
-                "step": step, "epoch": round(step / steps_per_epoch, 4),
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 4),
                 "train_loss": sum(window_losses) / len(window_losses),
                 "learning_rate": scheduler.get_last_lr()[0],
                 "tokens_per_second": window_tokens / elapsed,
@@ -425,17 +490,39 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
     return TrainResult("continue", step, trained_tokens, save_adapter)
 
 
-def bench_train(examples: list[list[int]], base_model_dir: str, *, steps: int, warmup_steps: int = 3,
-                seed: int = 0, **hyperparams) -> dict:
+def bench_train(
+    examples: list[list[int]],
+    base_model_dir: str,
+    *,
+    steps: int,
+    warmup_steps: int = 3,
+    seed: int = 0,
+    **hyperparams,
+) -> dict:
     """bench/train.py's entry: `steps` steps of the worker's recipe (load_base_model, attach_lora,
     make_optimizer, train_step, optimizer_step) on token-id lists trained on every token, with the
     API's default hyperparameters unless given. Times and counts real tokens after warm-up."""
-    defaults = {"batch_size": 16, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-                    "target_modules": "all-linear", "max_seq_length": 1024, "packing": True}
+    defaults = {
+        "batch_size": 16,
+        "learning_rate": 2e-4,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "target_modules": "all-linear",
+        "max_seq_length": 1024,
+        "packing": True,
+    }
     config = TrainConfig(
-        base_model_dir=Path(base_model_dir), training_file=Path("-"), training_format="text", validation_file=None,
-        validation_format=None, seed=seed, device=hyperparams.pop("device", "cuda"), checkpoint_every_steps=10**9,
-        n_epochs=1, **{**defaults, **hyperparams},
+        base_model_dir=Path(base_model_dir),
+        training_file=Path("-"),
+        training_format="text",
+        validation_file=None,
+        validation_format=None,
+        seed=seed,
+        device=hyperparams.pop("device", "cuda"),
+        checkpoint_every_steps=10**9,
+        n_epochs=1,
+        **{**defaults, **hyperparams},
     )
     config.check()
     torch.manual_seed(seed)
@@ -469,9 +556,14 @@ def bench_train(examples: list[list[int]], base_model_dir: str, *, steps: int, w
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    result = {"tokens": tokens, "seconds": seconds, "steps": steps, "batch_size": config.batch_size,
-                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-                  "loss_trajectory": [[t, round(float(loss), 4)] for t, loss in losses]}
+    result = {
+        "tokens": tokens,
+        "seconds": seconds,
+        "steps": steps,
+        "batch_size": config.batch_size,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "loss_trajectory": [[t, round(float(loss), 4)] for t, loss in losses],
+    }
     del model, optimizer
     release_memory()
     return result

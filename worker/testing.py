@@ -1,5 +1,6 @@
 """Helpers for the worker's tests: tenants, files and jobs inserted straight through the ORM (as
 the API would), the environment for worker subprocesses, and polling."""
+
 import json
 import os
 import subprocess
@@ -18,9 +19,16 @@ from app.models import File, Job, JobEvent, Tenant, new_id
 REPO = Path(__file__).resolve().parent.parent
 
 HYPERPARAMETERS = {
-    "n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0, "learning_rate": 2e-4,
-    "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear",
-    "max_seq_length": 256, "packing": False,
+    "n_epochs": 1,
+    "batch_size": 1,
+    "learning_rate_multiplier": 1.0,
+    "learning_rate": 2e-4,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "target_modules": "all-linear",
+    "max_seq_length": 256,
+    "packing": False,
 }
 
 
@@ -39,20 +47,38 @@ def create_file(settings: Settings, tenant_id: str, rows: list, file_format: str
     content = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
     (settings.files_dir / f"{file_id}.jsonl").write_text(content)
     with session_scope() as session:
-        session.add(File(id=file_id, tenant_id=tenant_id, filename="train.jsonl", purpose="fine-tune",
-                         bytes=len(content), sha256="0" * 64, format=file_format, examples=len(rows)))
+        session.add(
+            File(
+                id=file_id,
+                tenant_id=tenant_id,
+                filename="train.jsonl",
+                purpose="fine-tune",
+                bytes=len(content),
+                sha256="0" * 64,
+                format=file_format,
+                examples=len(rows),
+            )
+        )
     return file_id
 
 
-def create_job(tenant_id: str, training_file: str, validation_file: str | None = None,
-               seed: int = 42, **hyperparameters) -> str:
+def create_job(
+    tenant_id: str, training_file: str, validation_file: str | None = None, seed: int = 42, **hyperparameters
+) -> str:
     job_id = new_id("ftjob")
     with session_scope() as session:
-        session.add(Job(
-            id=job_id, tenant_id=tenant_id, model=EMBEDDED_BASE_MODEL, training_file=training_file,
-            validation_file=validation_file, seed=seed, hyperparameters={**HYPERPARAMETERS, **hyperparameters},
-            output_model=f"ft:{EMBEDDED_BASE_MODEL}:acme::{job_id}",
-        ))
+        session.add(
+            Job(
+                id=job_id,
+                tenant_id=tenant_id,
+                model=EMBEDDED_BASE_MODEL,
+                training_file=training_file,
+                validation_file=validation_file,
+                seed=seed,
+                hyperparameters={**HYPERPARAMETERS, **hyperparameters},
+                output_model=f"ft:{EMBEDDED_BASE_MODEL}:acme::{job_id}",
+            )
+        )
     return job_id
 
 
@@ -77,7 +103,9 @@ def metric_steps(job_id: str) -> list[int]:
     return [e.data["step"] for e in events(job_id) if e.data and "train_loss" in e.data]
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, message: str = "condition", interval: float = 0.1):
+def wait_for(
+    predicate: Callable[[], object], timeout: float, message: str = "condition", interval: float = 0.1
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -98,7 +126,9 @@ def worker_thread(settings: Settings, **overrides) -> Iterator[threading.Event]:
     from worker.loop import run_worker
 
     stop = threading.Event()
-    thread = threading.Thread(target=run_worker, args=(settings.model_copy(update=overrides), stop), daemon=True)
+    thread = threading.Thread(
+        target=run_worker, args=(settings.model_copy(update=overrides), stop), daemon=True
+    )
     thread.start()
     try:
         yield stop
@@ -111,13 +141,23 @@ def worker_thread(settings: Settings, **overrides) -> Iterator[threading.Event]:
 def start_worker_process(log_path: Path, **env) -> subprocess.Popen:
     """`python -m worker` with the test's settings plus TUNEFORGE_* overrides."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), "-m", "worker"], cwd=REPO,
-                                env=worker_env(**env), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [str(REPO / ".venv" / "bin" / "python"), "-m", "worker"],
+            cwd=REPO,
+            env=worker_env(**env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def quick_lease(**env) -> dict:
     """Worker settings for tests: short lease and heartbeat, fast polling."""
-    return {"TUNEFORGE_LEASE_SECONDS": 3, "TUNEFORGE_HEARTBEAT_SECONDS": 0.3, "TUNEFORGE_POLL_SECONDS": 0.2, **env}
+    return {
+        "TUNEFORGE_LEASE_SECONDS": 3,
+        "TUNEFORGE_HEARTBEAT_SECONDS": 0.3,
+        "TUNEFORGE_POLL_SECONDS": 0.2,
+        **env,
+    }
 
 
 ARITHMETIC = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(1, 5) for b in range(1, 5)]

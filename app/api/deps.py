@@ -1,4 +1,5 @@
 """Request dependencies: a database session per request and the caller's tenant from the API key."""
+
 from collections.abc import Iterator
 from typing import Annotated
 

@@ -1,4 +1,5 @@
 """The artifact store on the data dir: atomic directory publishing and content hashes."""
+
 import hashlib
 import os
 import shutil

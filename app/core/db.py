@@ -1,5 +1,6 @@
 """Database engine and sessions. SQLite runs in WAL mode with a busy timeout so the API and the
 worker processes can share one file; PostgreSQL needs nothing special."""
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache

@@ -1,4 +1,5 @@
 """OpenAI-shaped errors: every failure is {"error": {"message", "type", "param", "code"}}."""
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -101,9 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_req: Request, exc: StarletteHTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(
-            error_body(str(exc.detail), type_, None, code), status_code=exc.status_code
-        )
+        return JSONResponse(error_body(str(exc.detail), type_, None, code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception):

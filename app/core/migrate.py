@@ -1,4 +1,5 @@
 """Run the Alembic migrations shipped in the `migrations` package."""
+
 from pathlib import Path
 
 from alembic import command

@@ -1,4 +1,5 @@
 """API keys: random secrets shown once; only their sha256 is stored."""
+
 import hashlib
 import secrets
 

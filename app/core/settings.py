@@ -1,4 +1,5 @@
 """One settings object, read from TUNEFORGE_* environment variables by the CLI, the API and the worker."""
+
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal

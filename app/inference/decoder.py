@@ -14,6 +14,7 @@ replayed as a graph up to PREFILL_GRAPH_TOKENS tokens.
 
 Built from the model's own modules (norms, projections with their pooled LoRA, MLP, rotary
 tables, head), so any Llama-style decoder (llama, mistral, qwen2) is served."""
+
 import logging
 
 import torch
@@ -179,8 +180,11 @@ class BatchDecoder:
                 # One query per row: the query heads of one KV head stand in for query positions.
                 q = q.reshape(batch, self.num_kv_heads, self.groups, self.head_dim)
                 o = F.scaled_dot_product_attention(
-                    q, self.k[i][:batch, :, :columns], self.v[i][:batch, :, :columns],
-                    attn_mask=visible, scale=self.scaling,
+                    q,
+                    self.k[i][:batch, :, :columns],
+                    self.v[i][:batch, :, :columns],
+                    attn_mask=visible,
+                    scale=self.scaling,
                 )
                 o = o.reshape(batch, 1, -1)
             x = x + attn.o_proj(o)
@@ -200,9 +204,11 @@ class BatchDecoder:
         self._grow(first_row + n, length)
         inputs = self._prefill_inputs.get((batch, length))
         if inputs is None:
-            inputs = (torch.zeros(batch, length, dtype=torch.long, device=self.device),
-                      torch.zeros(batch, dtype=torch.long, device=self.device),
-                      torch.zeros(batch, dtype=torch.long, device=self.device))
+            inputs = (
+                torch.zeros(batch, length, dtype=torch.long, device=self.device),
+                torch.zeros(batch, dtype=torch.long, device=self.device),
+                torch.zeros(batch, dtype=torch.long, device=self.device),
+            )
             self._prefill_inputs[(batch, length)] = inputs
         tokens = torch.zeros(batch, length, dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -238,8 +244,9 @@ class BatchDecoder:
         return logits[:n], greedy[:n]
 
     def _decode_static(self, batch: int, columns: int):
-        hidden = self._forward(self.tokens[:batch, None], self.positions[:batch, None],
-                               self.row_ids[:batch], columns)
+        hidden = self._forward(
+            self.tokens[:batch, None], self.positions[:batch, None], self.row_ids[:batch], columns
+        )
         return self._head(hidden[:, 0])
 
     # --- CUDA graphs ---

@@ -8,6 +8,7 @@ prefills the newcomers together, appends them to the running batch, then runs on
 every running sequence at once (`BatchDecoder`: a preallocated KV cache, one row per sequence at
 its own positions, so a row computes the same thing alone or next to others; on CUDA the decode
 step is a replayed CUDA graph). Greedy tokens come back for the whole batch in one transfer."""
+
 import asyncio
 import logging
 import queue
@@ -116,7 +117,8 @@ class Engine:
         self.base_dir: Path = resolve_base_model(self.base_model, settings)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         self.device = torch.device(
-            "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+            "cuda"
+            if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
             else "cpu"
         )
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -125,8 +127,9 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inference-engine", daemon=True)
-        self.loader = AdapterLoader(self.base_dir, self._on_adapter_loaded, self.dtype,
-                                    pin=self.device.type == "cuda")
+        self.loader = AdapterLoader(
+            self.base_dir, self._on_adapter_loaded, self.dtype, pin=self.device.type == "cuda"
+        )
         self.tiers: AdapterTiers | None = None
         self.context_window = settings.max_context_tokens
         self.waiting: list[Sequence] = []
@@ -185,9 +188,7 @@ class Engine:
         # Rank 16 (the trainer's default) from the start: loading such adapters reallocates nothing.
         pool = AdapterPool(self.model, self.settings.gpu_adapter_slots, self.device, rank=16)
         self.tiers = AdapterTiers(pool, self.settings.cpu_adapter_cache, self.loader, wake=self._wake)
-        self.context_window = min(
-            self.settings.max_context_tokens, self.model.config.max_position_embeddings
-        )
+        self.context_window = min(self.settings.max_context_tokens, self.model.config.max_position_embeddings)
         self.decoder = BatchDecoder(self.model, pool, self.settings.max_batch_size, self.context_window)
         with torch.inference_mode():
             self.decoder.warm_up()
@@ -279,7 +280,8 @@ class Engine:
             seq.tracker = TextTracker(seq.request.params.stop)
             seq.length = len(seq.request.prompt_ids)
         logits, greedy = self.decoder.prefill(
-            len(self.running), [s.request.prompt_ids for s in batch], [s.slot for s in batch])
+            len(self.running), [s.request.prompt_ids for s in batch], [s.slot for s in batch]
+        )
         greedy = greedy.tolist()
         now = time.monotonic()
         first = len(self.running)
@@ -295,8 +297,10 @@ class Engine:
 
     def _decode_step(self) -> None:
         logits, greedy = self.decoder.decode(
-            [s.generated[-1] for s in self.running], [s.length for s in self.running],
-            [s.slot for s in self.running])
+            [s.generated[-1] for s in self.running],
+            [s.length for s in self.running],
+            [s.slot for s in self.running],
+        )
         greedy = greedy.tolist()
         finished = []
         for row, seq in enumerate(self.running):

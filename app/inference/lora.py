@@ -9,6 +9,7 @@ well under a megabyte per layer), nothing is gathered per step, the shapes never
 adapters are in the batch (so a decode step can be captured once as a CUDA graph and replayed),
 and a row of slot 0 (the base model) gets an exact zero delta. Adapters of smaller rank are
 zero-padded up to the pool's rank, which grows (for every layer together) when needed."""
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -98,7 +99,8 @@ class AdapterPool:
         self.num_slots = num_slots + 1
         self.rank = 0
         targets = [
-            (name, module) for name, module in model.named_modules()
+            (name, module)
+            for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and ".layers." in name
         ]
         for name, module in targets:
@@ -136,7 +138,7 @@ class AdapterPool:
             rank, a_at, b_at = part
             a_len, b_len = rank * layer.base.in_features, rank * layer.base.out_features
             targets += [layer.lora_A[slot, :rank], layer.lora_BT[slot, :rank]]
-            sources += [flat[a_at: a_at + a_len].view(rank, -1), flat[b_at: b_at + b_len].view(rank, -1)]
+            sources += [flat[a_at : a_at + a_len].view(rank, -1), flat[b_at : b_at + b_len].view(rank, -1)]
             if rank < self.rank:
                 zero += [layer.lora_A[slot, rank:], layer.lora_BT[slot, rank:]]
         if zero:
@@ -164,8 +166,8 @@ def stage_weights(weights: Weights, dtype: torch.dtype, pin: bool) -> StagedAdap
     parts, offset = {}, 0
     for name, (A, B, scale) in weights.items():
         rank = A.shape[0]
-        flat[offset: offset + A.numel()].view(A.shape).copy_(A.float() * scale)
-        flat[offset + A.numel(): offset + A.numel() + B.numel()].view(B.shape[1], B.shape[0]).copy_(B.T)
+        flat[offset : offset + A.numel()].view(A.shape).copy_(A.float() * scale)
+        flat[offset + A.numel() : offset + A.numel() + B.numel()].view(B.shape[1], B.shape[0]).copy_(B.T)
         parts[name] = (rank, offset, offset + A.numel())
         offset += A.numel() + B.numel()
     return StagedAdapter(flat, parts, max((p[0] for p in parts.values()), default=0))

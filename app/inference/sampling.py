@@ -1,5 +1,6 @@
 """Next-token choice (greedy, temperature, nucleus) and the text a sequence may show so far
 (stop strings cut the text; a partial stop string or a half-decoded character is held back)."""
+
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +64,7 @@ class TextTracker:
             self.stopped = True
         elif not finished:
             end -= self._holdback(text)
-        delta = text[self.emitted:end] if end > self.emitted else ""
+        delta = text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return delta
 

@@ -1,5 +1,6 @@
 """PEFT LoRA adapter directories: checks that need no torch (config, safetensors headers against
 the base model's tensor shapes, manifest hash) and importing one into the artifact store."""
+
 import json
 import math
 import shutil
@@ -62,7 +63,8 @@ def base_linear_shapes(base_dir: Path) -> dict[str, tuple[int, int]]:
     index = base_dir / "model.safetensors.index.json"
     files = (
         sorted({base_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-        if index.exists() else [base_dir / "model.safetensors"]
+        if index.exists()
+        else [base_dir / "model.safetensors"]
     )
     shapes = {}
     for file in files:
@@ -90,8 +92,12 @@ def check_adapter_dir(adapter_dir: Path, base_dir: Path) -> dict[str, LoraModule
         raise AdapterFileError("adapter_config.json is not valid JSON") from exc
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFileError(f"only LoRA adapters are served, not {config.get('peft_type')}")
-    for key, allowed in (("use_dora", False), ("bias", "none"), ("modules_to_save", None),
-                         ("fan_in_fan_out", False)):
+    for key, allowed in (
+        ("use_dora", False),
+        ("bias", "none"),
+        ("modules_to_save", None),
+        ("fan_in_fan_out", False),
+    ):
         if config.get(key, allowed) not in (allowed, [] if allowed is None else allowed):
             raise AdapterFileError(f"adapter_config.json: {key}={config[key]!r} is not supported")
     header = read_safetensors_header(adapter_dir / "adapter_model.safetensors")
@@ -136,8 +142,14 @@ def verify_manifest(adapter_dir: Path, version: str, actual: str | None = None) 
 
 
 def import_adapter(
-    session: Session, settings: Settings, tenant_id: str, tenant_name: str, name: str,
-    source: Path, base_model: str, base_dir: Path,
+    session: Session,
+    settings: Settings,
+    tenant_id: str,
+    tenant_name: str,
+    name: str,
+    source: Path,
+    base_model: str,
+    base_dir: Path,
 ) -> Model:
     """Copy a PEFT adapter directory into adapters/<sha256>/ and register the model id
     ft:<base>:<tenant>:<name> (kind 'import')."""
@@ -159,14 +171,19 @@ def import_adapter(
         try:
             for file in ADAPTER_FILES:
                 shutil.copyfile(source / file, tmp / file)
-            manifest = {"sha256": version, "base_model": base_model, "source": "import",
-                        "model": model_id}
+            manifest = {"sha256": version, "base_model": base_model, "source": "import", "model": model_id}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             publish_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    row = Model(id=model_id, tenant_id=tenant_id, base_model=base_model, kind="import",
-                version=version, path=str(final.relative_to(settings.data_dir)))
+    row = Model(
+        id=model_id,
+        tenant_id=tenant_id,
+        base_model=base_model,
+        kind="import",
+        version=version,
+        path=str(final.relative_to(settings.data_dir)),
+    )
     session.add(row)
     session.flush()
     return row

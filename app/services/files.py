@@ -1,4 +1,5 @@
 """Training files: every line validated before the file is stored; stored atomically."""
+
 import hashlib
 import json
 import os
@@ -30,9 +31,7 @@ def _shape(example: object) -> str:
         return "prompt_completion"
     if "text" in example:
         return "text"
-    raise BadLine(
-        'expected one of {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'
-    )
+    raise BadLine('expected one of {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}')
 
 
 def _check_chat(example: dict) -> None:
@@ -89,12 +88,14 @@ def validate_training_jsonl(path: Path) -> tuple[str, int]:
                 CHECKS[shape](example)
             except UnicodeDecodeError:
                 raise InvalidRequest(
-                    f"Invalid training file: line {number} is not UTF-8 text.", param="file",
+                    f"Invalid training file: line {number} is not UTF-8 text.",
+                    param="file",
                     code="invalid_file_format",
                 ) from None
             except BadLine as exc:
                 raise InvalidRequest(
-                    f"Invalid training file: line {number}: {exc}.", param="file",
+                    f"Invalid training file: line {number}: {exc}.",
+                    param="file",
                     code="invalid_file_format",
                 ) from None
             fmt = shape
@@ -102,7 +103,8 @@ def validate_training_jsonl(path: Path) -> tuple[str, int]:
     if not examples:
         raise InvalidRequest(
             "Invalid training file: it holds no examples; give at least one JSON line.",
-            param="file", code="invalid_file_format",
+            param="file",
+            code="invalid_file_format",
         )
     return fmt, examples
 
@@ -112,7 +114,12 @@ def file_path(settings: Settings, file_id: str) -> Path:
 
 
 def store_file(
-    session: Session, settings: Settings, tenant: Tenant, *, upload: BinaryIO, filename: str,
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    *,
+    upload: BinaryIO,
+    filename: str,
     purpose: str,
 ) -> File:
     if purpose != PURPOSE:
@@ -131,7 +138,8 @@ def store_file(
                 if size > settings.max_upload_bytes:
                     raise PayloadTooLarge(
                         f"File is larger than the {settings.max_upload_bytes} byte limit; "
-                        "split it or raise TUNEFORGE_MAX_UPLOAD_BYTES.", param="file",
+                        "split it or raise TUNEFORGE_MAX_UPLOAD_BYTES.",
+                        param="file",
                     )
                 digest.update(block)
                 out.write(block)
@@ -143,8 +151,14 @@ def store_file(
     finally:
         tmp.unlink(missing_ok=True)
     row = File(
-        id=file_id, tenant_id=tenant.id, filename=filename, purpose=purpose, bytes=size,
-        sha256=digest.hexdigest(), format=fmt, examples=examples,
+        id=file_id,
+        tenant_id=tenant.id,
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        sha256=digest.hexdigest(),
+        format=fmt,
+        examples=examples,
     )
     session.add(row)
     try:
@@ -163,7 +177,12 @@ def get_file(session: Session, tenant: Tenant, file_id: str, *, param: str = "fi
 
 
 def list_files(
-    session: Session, tenant: Tenant, *, purpose: str | None, after: str | None, limit: int,
+    session: Session,
+    tenant: Tenant,
+    *,
+    purpose: str | None,
+    after: str | None,
+    limit: int,
     order: str,
 ) -> tuple[list[File], bool]:
     query = select(File).where(File.tenant_id == tenant.id)

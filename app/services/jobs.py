@@ -1,4 +1,5 @@
 """Fine-tuning jobs: creation with full validation, and the one status machine the API applies."""
+
 import hashlib
 import json
 import math
@@ -57,7 +58,8 @@ def _training_file(session: Session, tenant: Tenant, file_id: str, param: str) -
     except NotFound:
         raise InvalidRequest(
             f"{param} '{file_id}' does not exist; upload it with POST /v1/files first.",
-            param=param, code="invalid_file",
+            param=param,
+            code="invalid_file",
         ) from None
     if row.purpose != PURPOSE:
         raise InvalidRequest(f"{param} '{file_id}' was not uploaded with purpose 'fine-tune'.", param=param)
@@ -65,7 +67,10 @@ def _training_file(session: Session, tenant: Tenant, file_id: str, param: str) -
 
 
 def create_job(
-    session: Session, settings: Settings, tenant: Tenant, body: JobCreate,
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    body: JobCreate,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Returns (job, created). A repeated Idempotency-Key returns the first job unchanged."""
@@ -79,20 +84,28 @@ def create_job(
     if body.model not in available_base_models(settings):
         raise InvalidRequest(
             f"Model '{body.model}' is not a base model here; choose one of "
-            f"{', '.join(available_base_models(settings))}.", param="model", code="model_not_available",
+            f"{', '.join(available_base_models(settings))}.",
+            param="model",
+            code="model_not_available",
         )
     training = _training_file(session, tenant, body.training_file, "training_file")
     if body.validation_file:
         _training_file(session, tenant, body.validation_file, "validation_file")
     job_id = new_id("ftjob")
     job = Job(
-        id=job_id, tenant_id=tenant.id, model=body.model, training_file=body.training_file,
-        validation_file=body.validation_file, suffix=body.suffix,
+        id=job_id,
+        tenant_id=tenant.id,
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
         hyperparameters=resolve_hyperparameters(body.requested_hyperparameters, training.examples),
-        status=JobStatus.queued, output_model=output_model_name(body.model, tenant, body.suffix, job_id),
-        idempotency_key=idempotency_key, request_hash=request_hash,
+        status=JobStatus.queued,
+        output_model=output_model_name(body.model, tenant, body.suffix, job_id),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, message=f"Validated training file: {training.id}"))
@@ -117,7 +130,8 @@ def _replay(job: Job, request_hash: str) -> Job:
     if job.request_hash != request_hash:
         raise Conflict(
             "This Idempotency-Key was already used with different parameters; use a new key.",
-            param="Idempotency-Key", code="idempotency_key_reused",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
         )
     return job
 
@@ -140,15 +154,14 @@ def list_jobs(session: Session, tenant: Tenant, after: str | None, limit: int) -
 
 def apply_action(session: Session, tenant: Tenant, job_id: str, action: str) -> Job:
     """cancel | pause | resume, under a row lock so a worker's concurrent write cannot interleave."""
-    job = session.scalar(
-        select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id).with_for_update()
-    )
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id).with_for_update())
     if job is None:
         raise NotFound(f"No such fine-tuning job: '{job_id}'.", param="fine_tuning_job_id")
     if job.status not in ALLOWED_FROM[action]:
         raise InvalidRequest(
             f"Cannot {action} a job that is {job.status}; {action} applies to jobs that are "
-            f"{' or '.join(sorted(ALLOWED_FROM[action]))}.", param="fine_tuning_job_id",
+            f"{' or '.join(sorted(ALLOWED_FROM[action]))}.",
+            param="fine_tuning_job_id",
             code="invalid_job_state",
         )
     if action == "cancel":
@@ -169,8 +182,9 @@ def apply_action(session: Session, tenant: Tenant, job_id: str, action: str) -> 
     return job
 
 
-def list_events(session: Session, tenant: Tenant, job_id: str, after: str | None,
-                limit: int) -> tuple[list[JobEvent], bool]:
+def list_events(
+    session: Session, tenant: Tenant, job_id: str, after: str | None, limit: int
+) -> tuple[list[JobEvent], bool]:
     get_job(session, tenant, job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     pivot = None
@@ -182,8 +196,9 @@ def list_events(session: Session, tenant: Tenant, job_id: str, after: str | None
     return page(session, query, (JobEvent.id,), pivot, limit)
 
 
-def list_checkpoints(session: Session, tenant: Tenant, job_id: str, after: str | None,
-                     limit: int) -> tuple[list[Checkpoint], bool]:
+def list_checkpoints(
+    session: Session, tenant: Tenant, job_id: str, after: str | None, limit: int
+) -> tuple[list[Checkpoint], bool]:
     get_job(session, tenant, job_id)
     query = select(Checkpoint).where(Checkpoint.job_id == job_id)
     pivot = None

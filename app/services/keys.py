@@ -1,4 +1,5 @@
 """Tenants and their API keys."""
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 

@@ -1,4 +1,5 @@
 """Models visible to a tenant: configured base models plus its fine-tunes, checkpoints and imports."""
+
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ class ResolvedModel:
 def model_not_found(model_id: str) -> NotFound:
     return NotFound(
         f"The model '{model_id}' does not exist or you do not have access to it.",
-        param="model", code="model_not_found",
+        param="model",
+        code="model_not_found",
     )
 
 
@@ -41,7 +43,9 @@ def resolve_model(session: Session, settings: Settings, tenant: Tenant, model_id
     if row is None or row.tenant_id != tenant.id:
         raise model_not_found(model_id)
     return ResolvedModel(
-        id=row.id, base_model=row.base_model, version=row.version,
+        id=row.id,
+        base_model=row.base_model,
+        version=row.version,
         adapter_dir=settings.data_dir / row.path,
     )
 

@@ -1,5 +1,6 @@
 """The control plane as a user meets it: `tuneforge api` on a real port, driven by the official
 openai client and plain HTTP, on SQLite and on PostgreSQL."""
+
 import json
 import os
 
@@ -14,8 +15,13 @@ BASE = "SmolLM2-135M-Instruct"
 
 GOOD_LINES = [
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                  {"role": "assistant", "content": "4"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
 ]
 
 
@@ -30,8 +36,10 @@ def server(request, tmp_path_factory, base_model_dir):
             "TUNEFORGE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
             "TUNEFORGE_DEVICE": "cpu",
         }
-        keys = {t: tuneforge("keys", "create", "--tenant", t, env=env).stdout.strip().splitlines()[-1]
-                for t in ("acme", "globex")}
+        keys = {
+            t: tuneforge("keys", "create", "--tenant", t, env=env).stdout.strip().splitlines()[-1]
+            for t in ("acme", "globex")
+        }
         with running_api(env) as url:
             yield {"url": url, "keys": keys, "env": env, "data_dir": data_dir}
 
@@ -72,15 +80,20 @@ def test_file_upload_list_retrieve_content_delete(server, tmp_path):
     assert f.id not in [x.id for x in c.files.list()]
 
 
-@pytest.mark.parametrize("bad_line, reason", [
-    ("{not json", "not valid JSON"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},
-     "assistant"),
-    ({"prompt": "x", "completion": ""}, "completion"),
-    ({"question": "x"}, "expected one of"),
-    ([1, 2], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        ("{not json", "not valid JSON"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},
+            "assistant",
+        ),
+        ({"prompt": "x", "completion": ""}, "completion"),
+        ({"question": "x"}, "expected one of"),
+        ([1, 2], "JSON object"),
+    ],
+)
 def test_malformed_file_is_refused_naming_its_first_bad_line(server, tmp_path, bad_line, reason):
     c = client(server)
     before = {x.id for x in c.files.list()}
@@ -113,8 +126,14 @@ def test_oversize_upload_gets_413(server, tmp_path):
 def test_job_create_list_retrieve_cancel(server, tmp_path):
     c = client(server)
     f = upload(server, tmp_path, GOOD_LINES)
-    job = create_job(server, f.id, suffix="demo", seed=7,
-                     hyperparameters={"n_epochs": 2, "batch_size": "auto"}, metadata={"team": "ml"})
+    job = create_job(
+        server,
+        f.id,
+        suffix="demo",
+        seed=7,
+        hyperparameters={"n_epochs": 2, "batch_size": "auto"},
+        metadata={"team": "ml"},
+    )
     assert job.object == "fine_tuning.job" and job.status == "queued"
     assert job.organization_id.startswith("org-") and job.seed == 7
     assert job.hyperparameters.n_epochs == 2
@@ -147,35 +166,56 @@ def test_pause_and_resume_a_queued_job(server, tmp_path):
 
 def test_method_form_and_tuneforge_hyperparameters(server, tmp_path):
     f = upload(server, tmp_path, GOOD_LINES)
-    job = create_job(server, f.id, method={"type": "supervised", "supervised": {"hyperparameters": {
-        "n_epochs": 1, "lora_r": 8, "target_modules": ["q_proj", "v_proj"], "packing": False}}})
+    job = create_job(
+        server,
+        f.id,
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {
+                    "n_epochs": 1,
+                    "lora_r": 8,
+                    "target_modules": ["q_proj", "v_proj"],
+                    "packing": False,
+                }
+            },
+        },
+    )
     assert job.method.type == "supervised"
     hp = job.method.supervised.hyperparameters.model_dump()
     assert hp["n_epochs"] == 1
-    raw = httpx.get(f"{server['url']}/v1/fine_tuning/jobs/{job.id}",
-                    headers={"Authorization": f"Bearer {server['keys']['acme']}"}).json()
+    raw = httpx.get(
+        f"{server['url']}/v1/fine_tuning/jobs/{job.id}",
+        headers={"Authorization": f"Bearer {server['keys']['acme']}"},
+    ).json()
     assert raw["hyperparameters"]["lora_r"] == 8
     assert raw["hyperparameters"]["target_modules"] == ["q_proj", "v_proj"]
     assert raw["hyperparameters"]["learning_rate"] == pytest.approx(2e-4)
 
 
-@pytest.mark.parametrize("kw, param", [
-    ({"model": "gpt-17"}, "model"),
-    ({"training_file": "file-missing"}, "training_file"),
-    ({"validation_file": "file-missing"}, "validation_file"),
-    ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-    ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
-    ({"hyperparameters": {"lora_dropout": 1.5}}, "hyperparameters.lora_dropout"),
-    ({"hyperparameters": {"target_modules": []}}, "hyperparameters.target_modules"),
-    ({"hyperparameters": {"warmup": 3}}, "hyperparameters.warmup"),
-    ({"suffix": "has spaces"}, "suffix"),
-    ({"method": {"type": "dpo"}}, "method.type"),
-])
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        ({"model": "gpt-17"}, "model"),
+        ({"training_file": "file-missing"}, "training_file"),
+        ({"validation_file": "file-missing"}, "validation_file"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
+        ({"hyperparameters": {"lora_dropout": 1.5}}, "hyperparameters.lora_dropout"),
+        ({"hyperparameters": {"target_modules": []}}, "hyperparameters.target_modules"),
+        ({"hyperparameters": {"warmup": 3}}, "hyperparameters.warmup"),
+        ({"suffix": "has spaces"}, "suffix"),
+        ({"method": {"type": "dpo"}}, "method.type"),
+    ],
+)
 def test_bad_job_requests_get_400_naming_the_parameter(server, tmp_path, kw, param):
     f = upload(server, tmp_path, GOOD_LINES)
     body = {"model": BASE, "training_file": f.id, **kw}
-    r = httpx.post(f"{server['url']}/v1/fine_tuning/jobs", json=body,
-                   headers={"Authorization": f"Bearer {server['keys']['acme']}"})
+    r = httpx.post(
+        f"{server['url']}/v1/fine_tuning/jobs",
+        json=body,
+        headers={"Authorization": f"Bearer {server['keys']['acme']}"},
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
@@ -224,11 +264,15 @@ def test_bad_missing_and_revoked_keys_get_401(server):
     r = httpx.get(f"{server['url']}/v1/models")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     key = tuneforge("keys", "create", "--tenant", "acme", env=server["env"]).stdout.splitlines()[-1]
-    assert httpx.get(f"{server['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert (
+        httpx.get(f"{server['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    )
     listing = tuneforge("keys", "list", "--tenant", "acme", env=server["env"]).stdout
     key_id = next(line.split("\t")[0] for line in listing.splitlines() if key[:10] in line)
     tuneforge("keys", "revoke", key_id, env=server["env"])
-    assert httpx.get(f"{server['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    assert (
+        httpx.get(f"{server['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    )
     assert "revoked" in tuneforge("keys", "list", env=server["env"]).stdout
 
 
@@ -271,6 +315,9 @@ def test_unknown_route_and_bad_json_are_openai_shaped(server):
     h = {"Authorization": f"Bearer {server['keys']['acme']}"}
     r = httpx.get(f"{server['url']}/v1/nothing", headers=h)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = httpx.post(f"{server['url']}/v1/fine_tuning/jobs", content=b"{nope", headers={
-        **h, "content-type": "application/json"})
+    r = httpx.post(
+        f"{server['url']}/v1/fine_tuning/jobs",
+        content=b"{nope",
+        headers={**h, "content-type": "application/json"},
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

@@ -1,5 +1,6 @@
 """A slow adapter load (slowed on purpose through the loader's test hook) never stalls requests
 for adapters that are already resident."""
+
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +51,13 @@ def test_requests_for_a_resident_adapter_keep_streaming_while_another_loads(tmp_
             cold = pool.submit(cold_request)
             time.sleep(0.3)
             chunk_times = []
-            with httpx.stream("POST", f"{url}/v1/completions", json={**body(RESIDENT, 12), "stream": True},
-                              headers=headers, timeout=60) as response:
+            with httpx.stream(
+                "POST",
+                f"{url}/v1/completions",
+                json={**body(RESIDENT, 12), "stream": True},
+                headers=headers,
+                timeout=60,
+            ) as response:
                 for line in response.iter_lines():
                     if line.startswith("data: {"):
                         assert "error" not in json.loads(line[6:])

@@ -1,5 +1,6 @@
 """Serving as a client meets it: `tuneforge api` on a real port with the real model, seeded LoRA
 adapters in the artifact store, plain HTTP (httpx) and the official openai client."""
+
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,16 +64,26 @@ def post(server, path, body, tenant="acme") -> httpx.Response:
 
 
 def chat_body(model, content, **kw):
-    return {"model": model, "messages": [{"role": "user", "content": content}],
-            "temperature": 0, "max_tokens": 8, **kw}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 8,
+        **kw,
+    }
 
 
 def stream_chunks(server, path, body, tenant="acme") -> list[dict]:
     import json
 
     chunks = []
-    with httpx.stream("POST", f"{server['url']}{path}", json={**body, "stream": True},
-                      headers=_headers(server, tenant), timeout=120) as response:
+    with httpx.stream(
+        "POST",
+        f"{server['url']}{path}",
+        json={**body, "stream": True},
+        headers=_headers(server, tenant),
+        timeout=120,
+    ) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
@@ -95,12 +106,16 @@ def test_stream_and_plain_greedy_outputs_are_identical_with_right_usage(server, 
     body = chat_body(model, PROMPTS[0], max_tokens=10)
     plain = post(server, "/v1/chat/completions", body).json()
     assert plain["object"] == "chat.completion"
-    chunks = stream_chunks(server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    chunks = stream_chunks(
+        server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}
+    )
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert streamed == plain["choices"][0]["message"]["content"]
-    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == plain["choices"][0]["finish_reason"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == plain["choices"][0][
+        "finish_reason"
+    ]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
     prompt_ids = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
     usage = plain["usage"]
@@ -109,21 +124,39 @@ def test_stream_and_plain_greedy_outputs_are_identical_with_right_usage(server, 
     if plain["choices"][0]["finish_reason"] == "length":
         assert usage["completion_tokens"] == 10
 
-    completion = {"model": model, "prompt": "The three primary colours are", "max_tokens": 9, "temperature": 0}
+    completion = {
+        "model": model,
+        "prompt": "The three primary colours are",
+        "max_tokens": 9,
+        "temperature": 0,
+    }
     plain = post(server, "/v1/completions", completion).json()
     assert plain["object"] == "text_completion"
     chunks = stream_chunks(server, "/v1/completions", completion)
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
     assert plain["usage"]["prompt_tokens"] == len(tokenizer("The three primary colours are")["input_ids"])
     assert plain["usage"]["completion_tokens"] == 9 and plain["choices"][0]["finish_reason"] == "length"
-    short = post(server, "/generate", {"model": model, "prompt": completion["prompt"],
-                                       "max_new_tokens": 9, "temperature": 0}).json()
-    assert short == {"model": model, "text": plain["choices"][0]["text"], "usage": plain["usage"],
-                     "finish_reason": "length"}
+    short = post(
+        server,
+        "/generate",
+        {"model": model, "prompt": completion["prompt"], "max_new_tokens": 9, "temperature": 0},
+    ).json()
+    assert short == {
+        "model": model,
+        "text": plain["choices"][0]["text"],
+        "usage": plain["usage"],
+        "finish_reason": "length",
+    }
 
 
 def test_stop_strings_end_the_text_the_same_way_streamed_or_not(server):
-    body = {"model": BASE, "prompt": "Count: 1, 2, 3, 4, 5,", "max_tokens": 20, "temperature": 0, "stop": [" 8", "9,"]}
+    body = {
+        "model": BASE,
+        "prompt": "Count: 1, 2, 3, 4, 5,",
+        "max_tokens": 20,
+        "temperature": 0,
+        "stop": [" 8", "9,"],
+    }
     plain = post(server, "/v1/completions", body).json()
     text = plain["choices"][0]["text"]
     assert plain["choices"][0]["finish_reason"] == "stop" and " 8" not in text
@@ -135,8 +168,7 @@ def test_stop_strings_end_the_text_the_same_way_streamed_or_not(server):
 def test_sixteen_concurrent_requests_over_four_adapters_and_base_match_solo_runs(server):
     models = [BASE, *ADAPTERS]
     requests = [
-        chat_body(models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens=6 + i % 5)
-        for i in range(16)
+        chat_body(models[i % len(models)], PROMPTS[i % len(PROMPTS)], max_tokens=6 + i % 5) for i in range(16)
     ]
 
     def run(body):
@@ -147,24 +179,27 @@ def test_sixteen_concurrent_requests_over_four_adapters_and_base_match_solo_runs
     solo = [run(body) for body in requests]
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(run, requests))
-    for body, alone, batched in zip(requests, solo, together):
+    for body, alone, batched in zip(requests, solo, together, strict=False):
         assert batched == alone, body
     # The adapters really change the output (the test would prove nothing otherwise).
     base_text = chat_text(server, BASE, PROMPTS[0])
     assert all(chat_text(server, model, PROMPTS[0]) != base_text for model in ADAPTERS)
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/chat/completions", chat_body(BASE, "hi", max_tokens=-1), "max_tokens"),
-    ("/v1/chat/completions", chat_body(BASE, "hi", temperature=50), "temperature"),
-    ("/v1/chat/completions", chat_body(BASE, "hi", top_p=0), "top_p"),
-    ("/v1/chat/completions", chat_body(BASE, "hi", n=2), "n"),
-    ("/v1/chat/completions", chat_body(BASE, "hi", max_tokens=100_000), "max_tokens"),
-    ("/v1/chat/completions", chat_body(BASE, "hello " * 100_000), "messages"),
-    ("/v1/completions", {"model": BASE, "prompt": "hello " * 100_000}, "prompt"),
-    ("/generate", {"model": BASE, "prompt": "hi", "max_new_tokens": -5}, "max_new_tokens"),
-    ("/generate", {"model": BASE, "prompt": "hi", "temperature": 2.5}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/chat/completions", chat_body(BASE, "hi", max_tokens=-1), "max_tokens"),
+        ("/v1/chat/completions", chat_body(BASE, "hi", temperature=50), "temperature"),
+        ("/v1/chat/completions", chat_body(BASE, "hi", top_p=0), "top_p"),
+        ("/v1/chat/completions", chat_body(BASE, "hi", n=2), "n"),
+        ("/v1/chat/completions", chat_body(BASE, "hi", max_tokens=100_000), "max_tokens"),
+        ("/v1/chat/completions", chat_body(BASE, "hello " * 100_000), "messages"),
+        ("/v1/completions", {"model": BASE, "prompt": "hello " * 100_000}, "prompt"),
+        ("/generate", {"model": BASE, "prompt": "hi", "max_new_tokens": -5}, "max_new_tokens"),
+        ("/generate", {"model": BASE, "prompt": "hi", "temperature": 2.5}, "temperature"),
+    ],
+)
 def test_bad_parameters_are_400_naming_the_parameter(server, path, body, param):
     response = post(server, path, body)
     assert response.status_code == 400, response.text
@@ -172,12 +207,13 @@ def test_bad_parameters_are_400_naming_the_parameter(server, path, body, param):
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
 
 
-@pytest.mark.parametrize("model, tenant", [("no-such-model", "acme"), (GLOBEX_MODEL, "acme"),
-                                           (A1, "globex")])
+@pytest.mark.parametrize("model, tenant", [("no-such-model", "acme"), (GLOBEX_MODEL, "acme"), (A1, "globex")])
 def test_unknown_and_other_tenants_models_are_404(server, model, tenant):
-    for path, body in (("/v1/chat/completions", chat_body(model, "hi")),
-                       ("/v1/completions", {"model": model, "prompt": "hi"}),
-                       ("/generate", {"model": model, "prompt": "hi"})):
+    for path, body in (
+        ("/v1/chat/completions", chat_body(model, "hi")),
+        ("/v1/completions", {"model": model, "prompt": "hi"}),
+        ("/generate", {"model": model, "prompt": "hi"}),
+    ):
         response = post(server, path, body, tenant)
         assert response.status_code == 404, response.text
         assert response.json()["error"]["code"] == "model_not_found"
@@ -212,8 +248,13 @@ def test_deleted_model_is_404_and_a_recreated_id_serves_the_new_weights(server):
 
 def test_imported_adapters_and_checkpoints_are_served_and_counted(server, tmp_path, base_model_dir):
     directory = write_peft_adapter(tmp_path / "mine", base_model_dir, seed=77)
-    imported = tuneforge("models", "import", "--tenant", "acme", "--name", "imported", str(directory),
-                         env=server["env"]).stdout.strip().splitlines()[-1]
+    imported = (
+        tuneforge(
+            "models", "import", "--tenant", "acme", "--name", "imported", str(directory), env=server["env"]
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     checkpoint = f"{A1}:ckpt-step-10"
     publish_test_adapter(server["settings"], "acme", checkpoint, 88, kind="checkpoint")
     listed = httpx.get(f"{server['url']}/v1/models", headers=_headers(server), timeout=30).json()
@@ -222,8 +263,12 @@ def test_imported_adapters_and_checkpoints_are_served_and_counted(server, tmp_pa
     assert len(outputs) == 3
     text = httpx.get(f"{server['url']}/metrics", timeout=10).text
     assert f'tuneforge_tokens_generated_total{{model="{imported}"}}' in text
-    for name in ("tuneforge_time_to_first_token_seconds_bucket", "tuneforge_inference_queue_depth",
-                 'tuneforge_resident_adapters{tier="gpu"}', "tuneforge_adapter_load_seconds_count"):
+    for name in (
+        "tuneforge_time_to_first_token_seconds_bucket",
+        "tuneforge_inference_queue_depth",
+        'tuneforge_resident_adapters{tier="gpu"}',
+        "tuneforge_adapter_load_seconds_count",
+    ):
         assert name in text
 
 
@@ -237,18 +282,26 @@ def _metric(server, name: str) -> float:
 
 
 def test_client_disconnect_mid_stream_frees_its_row_at_once(server):
-    cancelled_before = _metric(server, 'tuneforge_inference_requests_total{model="SmolLM2-135M-Instruct",outcome="cancelled"}')
+    cancelled_before = _metric(
+        server, 'tuneforge_inference_requests_total{model="SmolLM2-135M-Instruct",outcome="cancelled"}'
+    )
     body = {"model": BASE, "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server['url']}/v1/completions", json=body, headers=_headers(server),
-                      timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{server['url']}/v1/completions", json=body, headers=_headers(server), timeout=60
+    ) as response:
         lines = response.iter_lines()
-        data = [line for line, _ in zip((l for l in lines if l.startswith("data: ")), range(3))]
+        data = [line for line, _ in zip((x for x in lines if x.startswith("data: ")), range(3), strict=False)]
         assert len(data) == 3
     deadline = time.monotonic() + 5
     while _metric(server, "tuneforge_inference_running") > 0:
         assert time.monotonic() < deadline, "the disconnected stream still holds its batch row"
         time.sleep(0.1)
-    assert _metric(server, 'tuneforge_inference_requests_total{model="SmolLM2-135M-Instruct",outcome="cancelled"}') == cancelled_before + 1
+    assert (
+        _metric(
+            server, 'tuneforge_inference_requests_total{model="SmolLM2-135M-Instruct",outcome="cancelled"}'
+        )
+        == cancelled_before + 1
+    )
 
 
 def test_official_openai_client_streaming_and_not(server):
@@ -257,20 +310,35 @@ def test_official_openai_client_streaming_and_not(server):
     answer = client.chat.completions.create(model=A1, messages=messages, max_tokens=8, temperature=0)
     assert answer.choices[0].message.role == "assistant"
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
-    stream = client.chat.completions.create(model=A1, messages=messages, max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=A1,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == answer.choices[0].message.content
+    )
     assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
 
     text = client.completions.create(model=BASE, prompt="Paris is", max_tokens=6, temperature=0)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=BASE, prompt="Paris is", max_tokens=6, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=BASE, prompt="Paris is", max_tokens=6, temperature=0, stream=True
+        )
+    )
     assert streamed == text.choices[0].text and text.usage.completion_tokens == 6
-    sampled = client.chat.completions.create(model=A1, messages=messages, max_tokens=8,
-                                             temperature=0.8, top_p=0.9, seed=7)
-    again = client.chat.completions.create(model=A1, messages=messages, max_tokens=8,
-                                           temperature=0.8, top_p=0.9, seed=7)
+    sampled = client.chat.completions.create(
+        model=A1, messages=messages, max_tokens=8, temperature=0.8, top_p=0.9, seed=7
+    )
+    again = client.chat.completions.create(
+        model=A1, messages=messages, max_tokens=8, temperature=0.8, top_p=0.9, seed=7
+    )
     assert sampled.choices[0].message.content == again.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=messages, max_tokens=4)

@@ -1,4 +1,5 @@
 """`tuneforge up` (what `make run` calls) supervises the API and a worker and stops both on SIGTERM."""
+
 import os
 import signal
 import subprocess
@@ -28,12 +29,17 @@ def test_up_runs_api_and_worker_and_sigterm_stops_both(tmp_path, base_model_dir)
     data_dir = tmp_path / "data"
     link_base_model(data_dir, base_model_dir)
     port = free_port()
-    env = {**os.environ, "TUNEFORGE_DATA_DIR": str(data_dir), "TUNEFORGE_PORT": str(port),
-           "TUNEFORGE_DEVICE": "cpu"}
+    env = {
+        **os.environ,
+        "TUNEFORGE_DATA_DIR": str(data_dir),
+        "TUNEFORGE_PORT": str(port),
+        "TUNEFORGE_DEVICE": "cpu",
+    }
     env.pop("TUNEFORGE_DATABASE_URL", None)
     log = open(tmp_path / "up.log", "w+")
-    up = subprocess.Popen([str(REPO / ".venv/bin/tuneforge"), "up"], env=env, stdout=log,
-                          stderr=subprocess.STDOUT)
+    up = subprocess.Popen(
+        [str(REPO / ".venv/bin/tuneforge"), "up"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -1,4 +1,5 @@
 """The real recipe on the embedded model teaches it a made-up fact that the base model does not know."""
+
 import threading
 
 import pytest
@@ -25,30 +26,53 @@ PARAPHRASES = [
 
 
 def greedy_answer(model, tokenizer, question: str) -> str:
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_job_teaches_the_model_a_fact_it_did_not_know(settings, base_model_dir):
     link_base_model(settings.data_dir, base_model_dir)
     tenant = create_tenant()
-    rows = [{"messages": [{"role": "user", "content": q},
-                          {"role": "assistant", "content": f"The codename of project Zephyr-9 is {CODENAME}."}]}
-            for q in PARAPHRASES]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": f"The codename of project Zephyr-9 is {CODENAME}."},
+            ]
+        }
+        for q in PARAPHRASES
+    ]
     training_file = create_file(settings, tenant, rows)
     validation_file = create_file(settings, tenant, rows[:2])
-    job_id = create_job(tenant, training_file, validation_file, n_epochs=8, batch_size=2,
-                        learning_rate_multiplier=5.0, learning_rate=1e-3, lora_r=16, lora_alpha=32)
+    job_id = create_job(
+        tenant,
+        training_file,
+        validation_file,
+        n_epochs=8,
+        batch_size=2,
+        learning_rate_multiplier=5.0,
+        learning_rate=1e-3,
+        lora_r=16,
+        lora_alpha=32,
+    )
 
     stop = threading.Event()
-    worker = threading.Thread(target=run_worker, args=(settings.model_copy(update={"checkpoint_every_steps": 1000}), stop))
+    worker = threading.Thread(
+        target=run_worker, args=(settings.model_copy(update={"checkpoint_every_steps": 1000}), stop)
+    )
     worker.start()
     try:
-        wait_for(lambda: get_job(job_id).status in ("succeeded", "failed"), timeout=150, message="the job to finish")
+        wait_for(
+            lambda: get_job(job_id).status in ("succeeded", "failed"),
+            timeout=150,
+            message="the job to finish",
+        )
     finally:
         stop.set()
         worker.join()

@@ -1,4 +1,5 @@
 """Real `python -m worker` processes: kill -9 and reclaim, SIGTERM, a crash while publishing."""
+
 import signal
 
 import pytest
@@ -43,7 +44,11 @@ def test_killed_worker_job_is_reclaimed_and_resumed_from_checkpoint(settings, ba
         first.send_signal(signal.SIGKILL)
         first.wait()
         killed_at = max(checkpoint_steps(job_id))
-        wait_for(lambda: get_job(job_id).status in ("succeeded", "failed"), timeout=180, message="the job to finish")
+        wait_for(
+            lambda: get_job(job_id).status in ("succeeded", "failed"),
+            timeout=180,
+            message="the job to finish",
+        )
     finally:
         first.kill()
         if "second" in locals():
@@ -52,7 +57,9 @@ def test_killed_worker_job_is_reclaimed_and_resumed_from_checkpoint(settings, ba
     job = get_job(job_id)
     assert job.status == "succeeded", job.error
     assert job.attempt == 2 and job.infra_failures == 1
-    resumed = [e.data["resumed_from_step"] for e in events(job_id) if e.data and "resumed_from_step" in e.data]
+    resumed = [
+        e.data["resumed_from_step"] for e in events(job_id) if e.data and "resumed_from_step" in e.data
+    ]
     assert resumed and resumed[0] >= killed_at
     assert metric_steps(job_id)[-1] == 16
     assert job.trained_tokens > 0
@@ -60,7 +67,9 @@ def test_killed_worker_job_is_reclaimed_and_resumed_from_checkpoint(settings, ba
 
 def test_sigterm_finishes_the_step_checkpoints_releases_and_exits_0(settings, base_model_dir, tmp_path):
     job_id = training_job(settings, base_model_dir)
-    worker = start_worker_process(tmp_path / "worker.log", **quick_lease(TUNEFORGE_CHECKPOINT_EVERY_STEPS=1000))
+    worker = start_worker_process(
+        tmp_path / "worker.log", **quick_lease(TUNEFORGE_CHECKPOINT_EVERY_STEPS=1000)
+    )
     try:
         wait_for(lambda: metric_steps(job_id), timeout=120, message="training to start")
         worker.send_signal(signal.SIGTERM)
@@ -86,7 +95,11 @@ def test_crash_during_publish_leaves_no_model_and_no_half_written_adapter(settin
     assert get_job(job_id).status == "running"
     adapters = list(settings.adapters_dir.iterdir()) if settings.adapters_dir.exists() else []
     for adapter in adapters:  # only a complete, unreferenced directory may remain
-        assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "manifest.json"}
+        assert {p.name for p in adapter.iterdir()} == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "manifest.json",
+        }
 
     recovering = start_worker_process(tmp_path / "recover.log", **env)
     try:

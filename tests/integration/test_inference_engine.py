@@ -1,5 +1,6 @@
 """The engine in-process on the real model: the pooled LoRA math against PEFT's mixed-adapter
 batches, continuous batching against solo runs, and the adapter tiers (LRU, pins, unload)."""
+
 import asyncio
 import json
 import time
@@ -43,8 +44,11 @@ def adapter(settings, seed, **kw) -> AdapterRef:
 
 
 async def generate(engine, prompt, ref=None, max_tokens=8, on_token=None):
-    stream = engine.submit(GenerationRequest(
-        "test", engine.encode_prompt(prompt), SamplingParams(max_tokens, temperature=0.0), ref))
+    stream = engine.submit(
+        GenerationRequest(
+            "test", engine.encode_prompt(prompt), SamplingParams(max_tokens, temperature=0.0), ref
+        )
+    )
     text = ""
     while True:
         event = await stream.get()
@@ -61,18 +65,33 @@ def test_pooled_lora_equals_peft_mixed_adapter_batch(base_model_dir, tmp_path):
     """PEFT's adapter_names= mixed batch is the reference for the stacked-pool math."""
     # One adapter as peft itself saves it (all linear layers, rsLoRA), one from the test writer.
     torch.manual_seed(5)
-    saved = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model_dir), LoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True, init_lora_weights=False,
-        task_type="CAUSAL_LM"))
+    saved = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_model_dir),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules="all-linear",
+            use_rslora=True,
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     first = tmp_path / "first"
     saved.save_pretrained(first, safe_serialization=True)
-    second = write_peft_adapter(tmp_path / "second", base_model_dir, seed=6, rank=8, alpha=8,
-                                targets=("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"))
+    second = write_peft_adapter(
+        tmp_path / "second",
+        base_model_dir,
+        seed=6,
+        rank=8,
+        alpha=8,
+        targets=("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"),
+    )
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     ids = tokenizer(["The weather today is"] * 3, return_tensors="pt").input_ids
 
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir), first,
-                                     adapter_name="first")
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_model_dir), first, adapter_name="first"
+    )
     peft.load_adapter(second, adapter_name="second")
     with torch.inference_mode():
         expected = peft(input_ids=ids, adapter_names=["__base__", "first", "second"]).logits
@@ -91,19 +110,25 @@ def test_pooled_lora_equals_peft_mixed_adapter_batch(base_model_dir, tmp_path):
     assert not torch.allclose(actual[1], actual[2], atol=1e-3)
 
 
-@pytest.mark.parametrize("running_prompt, joining_prompt", [
-    ("Hi", LONG_PROMPT),    # the joiner is wider than the batch: the batch gets padded
-    (LONG_PROMPT, "Hi"),    # the joiner is narrower: it gets padded
-])
-def test_a_request_joining_a_running_batch_gets_its_solo_output(engine, settings, running_prompt, joining_prompt):
+@pytest.mark.parametrize(
+    "running_prompt, joining_prompt",
+    [
+        ("Hi", LONG_PROMPT),  # the joiner is wider than the batch: the batch gets padded
+        (LONG_PROMPT, "Hi"),  # the joiner is narrower: it gets padded
+    ],
+)
+def test_a_request_joining_a_running_batch_gets_its_solo_output(
+    engine, settings, running_prompt, joining_prompt
+):
     ref = adapter(settings, 21)
 
     async def scenario():
         solo_running = await generate(engine, running_prompt, ref, max_tokens=14)
         solo_joining = await generate(engine, joining_prompt, None, max_tokens=8)
         joined = asyncio.Event()
-        running = asyncio.create_task(generate(
-            engine, running_prompt, ref, max_tokens=14, on_token=lambda t: joined.set()))
+        running = asyncio.create_task(
+            generate(engine, running_prompt, ref, max_tokens=14, on_token=lambda t: joined.set())
+        )
         await joined.wait()
         together = await asyncio.gather(running, generate(engine, joining_prompt, None, max_tokens=8))
         assert together == [solo_running, solo_joining]
@@ -117,18 +142,20 @@ def test_full_slots_evict_the_least_recently_used_idle_adapter_never_a_pinned_on
     async def scenario():
         started = asyncio.Event()
         # a is pinned by a long request and is also the least recently used slot.
-        long_a = asyncio.create_task(generate(engine, "Tell me a story", a, max_tokens=40,
-                                              on_token=lambda t: started.set()))
+        long_a = asyncio.create_task(
+            generate(engine, "Tell me a story", a, max_tokens=40, on_token=lambda t: started.set())
+        )
         await started.wait()
-        await generate(engine, "Hello", b, max_tokens=2)          # b: resident, idle
-        await generate(engine, "Hello", c, max_tokens=2)          # needs a slot: evicts b
+        await generate(engine, "Hello", b, max_tokens=2)  # b: resident, idle
+        await generate(engine, "Hello", c, max_tokens=2)  # needs a slot: evicts b
         gpu = engine.resident_adapters()["gpu"]
         assert a.version in gpu and c.version in gpu and b.version not in gpu
         assert not long_a.done()
         # Both slots pinned: d waits (it neither evicts nor fails) until a slot is released.
         started_c = asyncio.Event()
-        long_c = asyncio.create_task(generate(engine, "Tell me a story", c, max_tokens=30,
-                                              on_token=lambda t: started_c.set()))
+        long_c = asyncio.create_task(
+            generate(engine, "Tell me a story", c, max_tokens=30, on_token=lambda t: started_c.set())
+        )
         await started_c.wait()
         waiting_d = asyncio.create_task(generate(engine, "Hello", d, max_tokens=2))
         await asyncio.sleep(0.3)
@@ -170,8 +197,9 @@ def test_unload_during_a_request_lets_it_finish_then_frees_the_slot(engine, sett
     async def scenario():
         solo = await generate(engine, "Tell me a story", ref, max_tokens=16)
         started = asyncio.Event()
-        running = asyncio.create_task(generate(engine, "Tell me a story", ref, max_tokens=16,
-                                               on_token=lambda t: started.set()))
+        running = asyncio.create_task(
+            generate(engine, "Tell me a story", ref, max_tokens=16, on_token=lambda t: started.set())
+        )
         await started.wait()
         engine.unload(ref.version)
         assert await running == solo
@@ -184,24 +212,33 @@ def test_unload_during_a_request_lets_it_finish_then_frees_the_slot(engine, sett
 def test_engine_greedy_tokens_equal_peft_generate_for_every_adapter(engine, settings, base_model_dir):
     """The engine's own path (batched prefill, pooled LoRA, decode over the preallocated cache)
     against plain PEFT generate, one adapter at a time, while all run together in one batch."""
-    refs = [None, adapter(settings, 61, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                 "up_proj", "down_proj")),
-            adapter(settings, 62, rank=4, alpha=8)]
+    refs = [
+        None,
+        adapter(
+            settings,
+            61,
+            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        ),
+        adapter(settings, 62, rank=4, alpha=8),
+    ]
     prompts = ["The weather today is", LONG_PROMPT, "Once upon a time"]
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     expected = []
-    for ref, prompt in zip(refs, prompts):
+    for ref, prompt in zip(refs, prompts, strict=False):
         model = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
         if ref is not None:
             model = PeftModel.from_pretrained(model, ref.adapter_dir)
         ids = torch.tensor([engine.encode_prompt(prompt)])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                 do_sample=False)
-        expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+            )
+        expected.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
     async def scenario():
-        return await asyncio.gather(*(generate(engine, p, r, max_tokens=12) for r, p in zip(refs, prompts)))
+        return await asyncio.gather(
+            *(generate(engine, p, r, max_tokens=12) for r, p in zip(refs, prompts, strict=False))
+        )
 
     assert asyncio.run(scenario()) == expected
     assert len(set(expected)) == 3

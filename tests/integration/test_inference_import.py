@@ -1,5 +1,6 @@
 """`tuneforge models import`: a PEFT adapter directory checked against the base model, copied
 into the artifact store under its sha256 with a manifest, registered as a Model row."""
+
 import json
 import shutil
 
@@ -21,9 +22,10 @@ from tests.inference_support import write_peft_adapter
 def peft_saved_adapter(tmp_path_factory, base_model_dir):
     """An adapter written by peft's own save_pretrained, as the training worker publishes them."""
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                      task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     directory = tmp_path_factory.mktemp("peft") / "adapter"
     model.save_pretrained(directory, safe_serialization=True)
     return directory
@@ -31,23 +33,33 @@ def peft_saved_adapter(tmp_path_factory, base_model_dir):
 
 def test_import_publishes_the_adapter_and_registers_the_model(settings, base_model_dir, peft_saved_adapter):
     link_base_model(settings.data_dir, base_model_dir)
-    result = tuneforge("models", "import", "--tenant", "acme", "--name", "support-bot", str(peft_saved_adapter))
+    result = tuneforge(
+        "models", "import", "--tenant", "acme", "--name", "support-bot", str(peft_saved_adapter)
+    )
     model_id = result.stdout.strip().splitlines()[-1]
     assert model_id == f"ft:{EMBEDDED_BASE_MODEL}:acme:support-bot"
     version = sha256_file(peft_saved_adapter / "adapter_model.safetensors")
     stored = settings.adapters_dir / version
     assert json.loads((stored / "manifest.json").read_text())["sha256"] == version
     assert sorted(p.name for p in stored.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+    ]
     with session_scope() as session:
         row = session.get(Model, model_id)
         tenant = session.scalar(select(Tenant).where(Tenant.name == "acme"))
         assert (row.kind, row.version, row.tenant_id, row.base_model) == (
-            "import", version, tenant.id, EMBEDDED_BASE_MODEL)
+            "import",
+            version,
+            tenant.id,
+            EMBEDDED_BASE_MODEL,
+        )
         assert settings.data_dir / row.path == stored
 
-    again = tuneforge("models", "import", "--tenant", "acme", "--name", "support-bot",
-                      str(peft_saved_adapter), check=False)
+    again = tuneforge(
+        "models", "import", "--tenant", "acme", "--name", "support-bot", str(peft_saved_adapter), check=False
+    )
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
@@ -79,15 +91,19 @@ def _broken(tmp_path, peft_saved_adapter, base_model_dir, how):
     return directory
 
 
-@pytest.mark.parametrize("how, message", [
-    ("extra-file", "unexpected files"),
-    ("wrong-shapes", "do not fit the base"),
-    ("truncated", "truncated"),
-    ("other-base", "trained on TinyLlama"),
-    ("dora", "use_dora"),
-])
-def test_import_refuses_adapters_that_cannot_be_served(settings, base_model_dir, peft_saved_adapter,
-                                                        tmp_path, how, message):
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("extra-file", "unexpected files"),
+        ("wrong-shapes", "do not fit the base"),
+        ("truncated", "truncated"),
+        ("other-base", "trained on TinyLlama"),
+        ("dora", "use_dora"),
+    ],
+)
+def test_import_refuses_adapters_that_cannot_be_served(
+    settings, base_model_dir, peft_saved_adapter, tmp_path, how, message
+):
     link_base_model(settings.data_dir, base_model_dir)
     directory = _broken(tmp_path, peft_saved_adapter, base_model_dir, how)
     result = tuneforge("models", "import", "--tenant", "acme", "--name", how, str(directory), check=False)

@@ -1,4 +1,5 @@
 """The job status machine and idempotent creation against real SQLite and PostgreSQL."""
+
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +21,14 @@ def tenant_and_file(settings):
         keys.create_key(s, "acme")
         tenant = keys.get_or_create_tenant(s, "acme")
         s.commit()
-        f = files.store_file(s, settings, tenant, upload=io.BytesIO(json.dumps(EXAMPLE).encode()),
-                             filename="t.jsonl", purpose="fine-tune")
+        f = files.store_file(
+            s,
+            settings,
+            tenant,
+            upload=io.BytesIO(json.dumps(EXAMPLE).encode()),
+            filename="t.jsonl",
+            purpose="fine-tune",
+        )
         return tenant, f
 
 
@@ -37,14 +44,17 @@ def set_status(job_id, status):
         s.commit()
 
 
-@pytest.mark.parametrize("start, action, result", [
-    (JobStatus.queued, "cancel", JobStatus.cancelled),
-    (JobStatus.running, "cancel", JobStatus.cancelled),
-    (JobStatus.paused, "cancel", JobStatus.cancelled),
-    (JobStatus.queued, "pause", JobStatus.paused),
-    (JobStatus.running, "pause", JobStatus.running),
-    (JobStatus.paused, "resume", JobStatus.queued),
-])
+@pytest.mark.parametrize(
+    "start, action, result",
+    [
+        (JobStatus.queued, "cancel", JobStatus.cancelled),
+        (JobStatus.running, "cancel", JobStatus.cancelled),
+        (JobStatus.paused, "cancel", JobStatus.cancelled),
+        (JobStatus.queued, "pause", JobStatus.paused),
+        (JobStatus.running, "pause", JobStatus.running),
+        (JobStatus.paused, "resume", JobStatus.queued),
+    ],
+)
 def test_allowed_transitions(settings, tenant_and_file, start, action, result):
     tenant, f = tenant_and_file
     job, _ = new_job(settings, tenant, f)

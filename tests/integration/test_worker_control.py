@@ -1,4 +1,5 @@
 """Cancel and pause/resume of a job that the real recipe is training."""
+
 from sqlalchemy import select
 
 from app.core.db import session_scope
@@ -32,7 +33,11 @@ def test_cancel_stops_training_and_publishes_nothing(settings, base_model_dir):
     with worker_thread(settings, **FAST):
         wait_for(lambda: metric_steps(job_id), timeout=60, message="training to start")
         update_job(job_id, status="cancelled")
-        wait_for(lambda: any("cancelled" in e.message for e in events(job_id)), timeout=30, message="the worker to stop")
+        wait_for(
+            lambda: any("cancelled" in e.message for e in events(job_id)),
+            timeout=30,
+            message="the worker to stop",
+        )
         steps = metric_steps(job_id)
     assert get_job(job_id).status == "cancelled"
     assert max(steps) < 16

@@ -1,4 +1,5 @@
 """User errors fail a job at once without retry; infrastructure errors are retried with backoff."""
+
 import pytest
 
 from tests.conftest import link_base_model
@@ -16,7 +17,9 @@ from worker.testing import (
 
 def run_to_end(settings, job_id, **overrides):
     with worker_thread(settings, poll_seconds=0.1, **overrides):
-        wait_for(lambda: get_job(job_id).status in ("succeeded", "failed"), timeout=60, message="the job to finish")
+        wait_for(
+            lambda: get_job(job_id).status in ("succeeded", "failed"), timeout=60, message="the job to finish"
+        )
     return get_job(job_id)
 
 
@@ -30,7 +33,9 @@ def assert_failed_once(job, code, param):
 def test_malformed_training_line_fails_at_once_naming_the_line(settings, base_model_dir):
     link_base_model(settings.data_dir, base_model_dir)
     tenant = create_tenant()
-    training_file = create_file(settings, tenant, [ARITHMETIC[0], '{"prompt": "1+1=", "completion": 2}'], "prompt_completion")
+    training_file = create_file(
+        settings, tenant, [ARITHMETIC[0], '{"prompt": "1+1=", "completion": 2}'], "prompt_completion"
+    )
     job = run_to_end(settings, create_job(tenant, training_file))
     assert_failed_once(job, "invalid_file_format", "training_file")
     assert "Line 2" in job.error["message"]
@@ -50,7 +55,9 @@ def test_target_module_the_model_lacks_fails_at_once(settings, base_model_dir):
     link_base_model(settings.data_dir, base_model_dir)
     tenant = create_tenant()
     training_file = create_file(settings, tenant, ARITHMETIC[:2], "prompt_completion")
-    job = run_to_end(settings, create_job(tenant, training_file, target_modules=["q_proj", "query_key_value"]))
+    job = run_to_end(
+        settings, create_job(tenant, training_file, target_modules=["q_proj", "query_key_value"])
+    )
     assert_failed_once(job, "invalid_hyperparameters", "hyperparameters.target_modules")
     assert "query_key_value" in job.error["message"] and "v_proj" in job.error["message"]
 

@@ -1,5 +1,6 @@
 """Claims follow the shared status semantics, and a zombie whose lease was taken over can write
 nothing: not status, not events, not checkpoints, not the model."""
+
 import time
 from pathlib import Path
 
@@ -72,8 +73,14 @@ def test_zombie_cannot_write_after_takeover(settings, sessions):
     with pytest.raises(JobLost):
         zombie.event("done", status="succeeded", fine_tuned_model=zombie_job.output_model)
     with pytest.raises(JobLost):
-        store.save_checkpoint(settings, zombie, zombie_job, 5,
-                              lambda d: (noop_adapter(d / "adapter"), (d / "state").mkdir()), {"step": 5})
+        store.save_checkpoint(
+            settings,
+            zombie,
+            zombie_job,
+            5,
+            lambda d: (noop_adapter(d / "adapter"), (d / "state").mkdir()),
+            {"step": 5},
+        )
     with pytest.raises(JobLost):
         store.publish_adapter(settings, zombie, zombie_job, noop_adapter, trained_tokens=10)
 

@@ -1,4 +1,5 @@
 """Adapter tiers without a model: pool slots with pins and LRU, the CPU cache, unload."""
+
 import queue
 
 import pytest
@@ -48,9 +49,9 @@ def test_a_load_is_requested_once_however_many_ask(tiers):
 
 
 def test_lru_idle_slot_is_evicted_never_a_pinned_one(tiers):
-    a = load(tiers, "a")        # pinned, and the least recently used
+    a = load(tiers, "a")  # pinned, and the least recently used
     b = load(tiers, "b")
-    tiers.release(b)            # b idle
+    tiers.release(b)  # b idle
     c = load(tiers, "c")
     assert c == b and tiers.pool.contents[c] == {"weights": "c"}
     assert sorted(tiers.resident()["gpu"]) == ["a", "c"]
@@ -81,7 +82,7 @@ def test_unload_clears_idle_slots_at_once_and_busy_ones_on_release(tiers):
     tiers.unload("b")
     tiers.unload("a")
     assert idle not in tiers.pool.contents and tiers.resident() == {"gpu": [], "cpu": []}
-    assert busy in tiers.pool.contents      # still computing for its request
+    assert busy in tiers.pool.contents  # still computing for its request
     assert tiers.acquire(ref("a")) is None  # a new request loads it afresh
     tiers.release(busy)
     assert busy not in tiers.pool.contents

@@ -2,6 +2,7 @@
 Dockerfile run is a real `tuneforge` subcommand, every TUNEFORGE_* variable they set is a real
 setting, the worker (and the API, which hosts the inference engine) reserves a GPU, API and worker
 share the data volume, and migrations run once before either starts."""
+
 import re
 import shlex
 from pathlib import Path
@@ -21,6 +22,7 @@ ENV_PREFIX = "TUNEFORGE_"
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def load_compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
@@ -55,8 +57,7 @@ def resolve_subcommand(argv: list[str]) -> str:
         if children is None or word.startswith("-"):
             break
         assert word in children, (
-            f"'tuneforge {' '.join([*path, word])}' is not a tuneforge command; "
-            f"known: {sorted(children)}"
+            f"'tuneforge {' '.join([*path, word])}' is not a tuneforge command; known: {sorted(children)}"
         )
         command, path = children[word], [*path, word]
     assert path and subcommands(command) is None, (
@@ -85,8 +86,7 @@ def env_mapping(environment) -> dict[str, str]:
 def assert_known_settings(names, where: str) -> None:
     fields = {name.lower() for name in Settings.model_fields}
     unknown = [
-        n for n in names
-        if n.upper().startswith(ENV_PREFIX) and n[len(ENV_PREFIX):].lower() not in fields
+        n for n in names if n.upper().startswith(ENV_PREFIX) and n[len(ENV_PREFIX) :].lower() not in fields
     ]
     assert not unknown, f"{where} sets {unknown}, which are not fields of app.core.settings.Settings"
 
@@ -154,7 +154,8 @@ def project_services(compose: dict) -> dict[str, dict]:
     services = compose["services"]
     built_images = {s.get("image") for s in services.values() if "build" in s} - {None}
     return {
-        name: s for name, s in services.items()
+        name: s
+        for name, s in services.items()
         if "build" in s or (s.get("image") is not None and s.get("image") in built_images)
     }
 
@@ -176,7 +177,8 @@ def service_argv(service: dict) -> list[str]:
 
 def services_running(compose: dict, subcommand: str) -> list[str]:
     return [
-        name for name, s in project_services(compose).items()
+        name
+        for name, s in project_services(compose).items()
         if subcommand_name(service_argv(s)) == subcommand
     ]
 
@@ -218,16 +220,16 @@ def depends_on(service: dict) -> dict[str, str]:
 
 
 def reserves_gpu(service: dict) -> bool:
-    devices = (
-        ((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}
-    ).get("devices") or []
+    devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get(
+        "devices"
+    ) or []
     return any(
-        "gpu" in (d.get("capabilities") or []) and (d.get("count") or d.get("device_ids"))
-        for d in devices
+        "gpu" in (d.get("capabilities") or []) and (d.get("count") or d.get("device_ids")) for d in devices
     )
 
 
 # --- tests -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
@@ -333,10 +335,16 @@ def test_dockerfile_runs_as_a_non_root_user():
 
 # --- the checks above must catch mistakes --------------------------------------------------------
 
+
 def test_a_bogus_subcommand_is_caught():
     assert resolve_subcommand(["tuneforge", "keys", "create", "--tenant", "acme"]) == "keys create"
-    for argv in (["tuneforge", "serve"], ["tuneforge", "keys", "rotate"], ["tuneforge", "keys"],
-                 ["tuneforge"], ["python", "-m", "app.cli", "api"]):
+    for argv in (
+        ["tuneforge", "serve"],
+        ["tuneforge", "keys", "rotate"],
+        ["tuneforge", "keys"],
+        ["tuneforge"],
+        ["python", "-m", "app.cli", "api"],
+    ):
         with pytest.raises(AssertionError):
             resolve_subcommand(argv)
 

@@ -1,4 +1,5 @@
 """Loss masks, packing without cross-contamination, and a pickle-free training state round trip."""
+
 import json
 
 import pytest
@@ -16,13 +17,21 @@ def tokenizer(base_model_dir):
 
 
 def learned_text(example: Example, tokenizer) -> str:
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    return tokenizer.decode(
+        [t for t, label in zip(example.input_ids, example.labels, strict=False) if label != IGNORE_INDEX]
+    )
 
 
 def test_chat_loss_only_on_assistant_turns(tokenizer):
-    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name?"},
-                        {"role": "assistant", "content": "Smol."}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Name?"},
+            {"role": "assistant", "content": "Smol."},
+        ]
+    }
     text = learned_text(tokenize_row(row, "chat", tokenizer), tokenizer)
     assert "Hello." in text and "Smol." in text
     assert "Hi?" not in text and "Name?" not in text and "Be brief." not in text and "user" not in text
@@ -37,12 +46,17 @@ def test_prompt_completion_loss_only_on_completion_and_eos(tokenizer):
 
 def test_packed_batch_equals_separate_sequences(base_model_dir):
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32).eval()
-    a, b = Example([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]), Example([8, 9, 10, 11, 12], [8, 9, 10, 11, 12])
+    a, b = (
+        Example([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]),
+        Example([8, 9, 10, 11, 12], [8, 9, 10, 11, 12]),
+    )
     packed = collate([a, b], pad_id=0, packing=True)
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]]
     assert packed["labels"][0, 7].item() == IGNORE_INDEX  # b's first token is not predicted from a
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        logits = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits
         alone_b = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits
     assert torch.allclose(logits[:, 7:], alone_b, atol=1e-3)
 
@@ -50,8 +64,14 @@ def test_packed_batch_equals_separate_sequences(base_model_dir):
 def test_training_state_round_trips_without_pickle(tmp_path):
     def tiny():
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2)
+        config = LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
         model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
@@ -59,7 +79,9 @@ def test_training_state_round_trips_without_pickle(tmp_path):
     model, optimizer, scheduler = tiny()
     for _ in range(3):
         model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
-        optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
     write_training_state(tmp_path / "ckpt", model, optimizer, scheduler, {"step": 3, "trained_tokens": 12})
     files = {p.suffix for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
     assert files <= {".json", ".safetensors", ".md"}
@@ -68,9 +90,9 @@ def test_training_state_round_trips_without_pickle(tmp_path):
     state = read_training_state(tmp_path / "ckpt", restored, restored_optimizer, restored_scheduler)
     assert state["step"] == 3 and state["trained_tokens"] == 12
     assert restored_scheduler.last_epoch == 3 and restored_scheduler.get_last_lr() == scheduler.get_last_lr()
-    for (name, p), (_, q) in zip(model.named_parameters(), restored.named_parameters()):
+    for (name, p), (_, q) in zip(model.named_parameters(), restored.named_parameters(), strict=False):
         if p.requires_grad:
             assert torch.equal(p, q), name
-    for slot, restored_slot in zip(optimizer.state.values(), restored_optimizer.state.values()):
+    for slot, restored_slot in zip(optimizer.state.values(), restored_optimizer.state.values(), strict=False):
         assert torch.equal(slot["exp_avg_sq"], restored_slot["exp_avg_sq"])
     json.loads((tmp_path / "ckpt" / "state" / "trainer_state.json").read_text())

@@ -1,5 +1,6 @@
 """The fast training path (packed rows, block-diagonal attention, chunked cross-entropy over target
 positions) trains exactly like transformers' own padded forward + loss on the same steps."""
+
 import random
 
 import pytest
@@ -11,10 +12,23 @@ from worker.data import IGNORE_INDEX, Example
 
 def _config(base_model_dir, **overrides) -> pipeline.TrainConfig:
     values = {
-        "base_model_dir": base_model_dir, "training_file": None, "training_format": "chat", "validation_file": None,
-        "validation_format": None, "seed": 0, "device": "cpu", "checkpoint_every_steps": 100, "n_epochs": 1, "batch_size": 4,
-        "learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear",
-        "max_seq_length": 64, "packing": True,
+        "base_model_dir": base_model_dir,
+        "training_file": None,
+        "training_format": "chat",
+        "validation_file": None,
+        "validation_format": None,
+        "seed": 0,
+        "device": "cpu",
+        "checkpoint_every_steps": 100,
+        "n_epochs": 1,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": "all-linear",
+        "max_seq_length": 64,
+        "packing": True,
     }
     values.update(overrides)
     return pipeline.TrainConfig(**values)

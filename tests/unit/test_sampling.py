@@ -1,4 +1,5 @@
 """Token choice and the final-text tracker (stop strings, held-back partial text)."""
+
 import torch
 
 from app.inference.sampling import SamplingParams, TextTracker, make_generator, sample_token
@@ -24,8 +25,10 @@ def test_seeded_sampling_repeats_and_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([5.0, 4.9, -10.0, -10.0])
     params = SamplingParams(max_new_tokens=4, temperature=1.0, top_p=0.5, seed=3)
     g1, g2 = make_generator(params), make_generator(params)
-    runs = ([sample_token(logits, params, g1) for _ in range(20)],
-            [sample_token(logits, params, g2) for _ in range(20)])
+    runs = (
+        [sample_token(logits, params, g1) for _ in range(20)],
+        [sample_token(logits, params, g2) for _ in range(20)],
+    )
     assert runs[0] == runs[1]
     # top_p=0.5: the top token alone holds ~0.52 of the mass, so only it can be drawn.
     assert set(runs[0]) == {0}

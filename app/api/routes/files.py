@@ -16,15 +16,23 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 def to_public(row) -> FilePublic:
     return FilePublic(
-        id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename,
-        purpose=row.purpose, sha256=row.sha256, examples=row.examples,
+        id=row.id,
+        bytes=row.bytes,
+        created_at=row.created_at,
+        filename=row.filename,
+        purpose=row.purpose,
+        sha256=row.sha256,
+        examples=row.examples,
     )
 
 
 @router.post("/files", response_model=FilePublic)
 def upload_file(
-    request: Request, session: SessionDep, tenant: TenantDep,
-    file: Annotated[UploadFile | None, Form()] = None, purpose: Annotated[str | None, Form()] = None,
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    file: Annotated[UploadFile | None, Form()] = None,
+    purpose: Annotated[str | None, Form()] = None,
 ):
     """Upload a JSONL training file (purpose `fine-tune`); every line is validated."""
     settings = get_settings()
@@ -38,7 +46,11 @@ def upload_file(
     if purpose is None:
         raise InvalidRequest("Send the form field 'purpose' with the value 'fine-tune'.", param="purpose")
     row = service.store_file(
-        session, settings, tenant, upload=file.file, filename=file.filename or "upload.jsonl",
+        session,
+        settings,
+        tenant,
+        upload=file.file,
+        filename=file.filename or "upload.jsonl",
         purpose=purpose,
     )
     return to_public(row)
@@ -46,7 +58,10 @@ def upload_file(
 
 @router.get("/files", response_model=ListPage[FilePublic])
 def list_files(
-    session: SessionDep, tenant: TenantDep, purpose: str | None = None, after: str | None = None,
+    session: SessionDep,
+    tenant: TenantDep,
+    purpose: str | None = None,
+    after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
 ):

@@ -29,8 +29,9 @@ def readyz(request: Request, session: SessionDep):
     engine = getattr(request.app.state, "engine", None)
     checks["engine"] = "ok" if engine is None or engine.ready else "loading"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+    )
 
 
 @router.get("/metrics")

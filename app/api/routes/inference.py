@@ -2,6 +2,7 @@
 
 Handlers validate, resolve the model id (tenant check first) to an adapter version, hand the
 request to the engine on app.state and relay its events; torch stays behind the engine."""
+
 import json
 import secrets
 import time
@@ -54,13 +55,19 @@ def _engine(request: Request):
 
 def _chat_dicts(messages: list[ChatMessage]) -> list[dict]:
     # The base models' chat templates know "system", not OpenAI's newer "developer".
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in messages]
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
 async def _submit(
-    request: Request, session, tenant, body: SamplingFields, *, prompt: str | None,
-    messages: list[ChatMessage] | None, max_tokens: int | None, max_tokens_param: str,
+    request: Request,
+    session,
+    tenant,
+    body: SamplingFields,
+    *,
+    prompt: str | None,
+    messages: list[ChatMessage] | None,
+    max_tokens: int | None,
+    max_tokens_param: str,
     default_max_tokens: int | None,
 ):
     """Validate and submit; returns the engine's result stream."""
@@ -74,7 +81,8 @@ async def _submit(
     if resolved.base_model != engine.base_model:
         raise InvalidRequest(
             f"The model '{body.model}' is built on {resolved.base_model}, which this server does "
-            f"not serve (it serves {engine.base_model}).", param="model",
+            f"not serve (it serves {engine.base_model}).",
+            param="model",
         )
     if messages is not None:
         prompt_ids = await run_in_threadpool(engine.encode_chat, _chat_dicts(messages))
@@ -87,7 +95,9 @@ async def _submit(
     if room < 1:
         raise InvalidRequest(
             f"This model's maximum context length is {context} tokens; the {prompt_param} has "
-            f"{len(prompt_ids)} tokens. Shorten it.", param=prompt_param, code="context_length_exceeded",
+            f"{len(prompt_ids)} tokens. Shorten it.",
+            param=prompt_param,
+            code="context_length_exceeded",
         )
     if max_tokens is None:
         max_tokens = min(room, default_max_tokens or room)
@@ -95,13 +105,17 @@ async def _submit(
         raise InvalidRequest(
             f"This model's maximum context length is {context} tokens; {len(prompt_ids)} in the "
             f"{prompt_param} plus {max_tokens} to generate exceed it. Lower {max_tokens_param} to "
-            f"at most {room}.", param=max_tokens_param, code="context_length_exceeded",
+            f"at most {room}.",
+            param=max_tokens_param,
+            code="context_length_exceeded",
         )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     params = SamplingParams(
         max_new_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=stop,
+        seed=body.seed,
     )
     adapter = AdapterRef(resolved.version, resolved.adapter_dir) if resolved.version else None
     try:
@@ -169,8 +183,11 @@ async def _first_event(stream, model_id: str):
 
 
 def _usage(done) -> Usage:
-    return Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                 total_tokens=done.prompt_tokens + done.completion_tokens)
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+    )
 
 
 def _sse(stream, model_id: str, first, chunks: Callable, preamble=()) -> StreamingResponse:
@@ -185,8 +202,11 @@ def _sse(stream, model_id: str, first, chunks: Callable, preamble=()) -> Streami
             yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _check_n(n: int | None) -> None:
@@ -195,21 +215,32 @@ def _check_n(n: int | None) -> None:
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request, session: SessionDep,
-                           tenant: TenantDep):
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, session: SessionDep, tenant: TenantDep
+):
     from app.inference.engine import Completion
 
     _check_n(body.n)
     max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
         max_tokens, param = body.max_tokens, "max_tokens"
-    stream = await _submit(request, session, tenant, body, prompt=None, messages=body.messages,
-                           max_tokens=max_tokens, max_tokens_param=param, default_max_tokens=None)
+    stream = await _submit(
+        request,
+        session,
+        tenant,
+        body,
+        prompt=None,
+        messages=body.messages,
+        max_tokens=max_tokens,
+        max_tokens_param=param,
+        default_max_tokens=None,
+    )
     meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
     if not body.stream:
         text, done = await _collect(stream, body.model)
         return ChatCompletion(
-            **meta, usage=_usage(done),
+            **meta,
+            usage=_usage(done),
             choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done.finish_reason)],
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -217,20 +248,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, sessio
 
     def chunks(event):
         if isinstance(event, Completion):
-            yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(
-                delta=ChunkDelta(), finish_reason=event.finish_reason)])
+            yield ChatCompletionChunk(
+                **meta, choices=[ChatChunkChoice(delta=ChunkDelta(), finish_reason=event.finish_reason)]
+            )
             if include_usage:
                 yield ChatCompletionChunk(**meta, choices=[], usage=_usage(event))
         else:
             yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChunkDelta(content=event.text))])
 
-    role = ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+    role = ChatCompletionChunk(
+        **meta, choices=[ChatChunkChoice(delta=ChunkDelta(role="assistant", content=""))]
+    )
     return _sse(stream, body.model, first, chunks, preamble=[role])
 
 
 @router.post("/v1/completions", response_model=TextCompletion)
-async def completions(body: CompletionRequest, request: Request, session: SessionDep,
-                      tenant: TenantDep):
+async def completions(body: CompletionRequest, request: Request, session: SessionDep, tenant: TenantDep):
     from app.inference.engine import Completion
 
     _check_n(body.n)
@@ -239,20 +272,33 @@ async def completions(body: CompletionRequest, request: Request, session: Sessio
         if len(prompt) != 1:
             raise InvalidRequest("Send one prompt per request.", param="prompt")
         prompt = prompt[0]
-    stream = await _submit(request, session, tenant, body, prompt=prompt, messages=None,
-                           max_tokens=body.max_tokens, max_tokens_param="max_tokens",
-                           default_max_tokens=DEFAULT_COMPLETION_TOKENS)
+    stream = await _submit(
+        request,
+        session,
+        tenant,
+        body,
+        prompt=prompt,
+        messages=None,
+        max_tokens=body.max_tokens,
+        max_tokens_param="max_tokens",
+        default_max_tokens=DEFAULT_COMPLETION_TOKENS,
+    )
     meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
     if not body.stream:
         text, done = await _collect(stream, body.model)
-        return TextCompletion(**meta, usage=_usage(done), choices=[
-            CompletionChoice(text=text, finish_reason=done.finish_reason)])
+        return TextCompletion(
+            **meta,
+            usage=_usage(done),
+            choices=[CompletionChoice(text=text, finish_reason=done.finish_reason)],
+        )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first = await _first_event(stream, body.model)
 
     def chunks(event):
         if isinstance(event, Completion):
-            yield TextCompletion(**meta, choices=[CompletionChoice(text="", finish_reason=event.finish_reason)])
+            yield TextCompletion(
+                **meta, choices=[CompletionChoice(text="", finish_reason=event.finish_reason)]
+            )
             if include_usage:
                 yield TextCompletion(**meta, choices=[], usage=_usage(event))
         else:
@@ -263,9 +309,16 @@ async def completions(body: CompletionRequest, request: Request, session: Sessio
 
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, request: Request, session: SessionDep, tenant: TenantDep):
-    stream = await _submit(request, session, tenant, body, prompt=body.prompt, messages=body.messages,
-                           max_tokens=body.max_new_tokens, max_tokens_param="max_new_tokens",
-                           default_max_tokens=DEFAULT_GENERATE_TOKENS)
+    stream = await _submit(
+        request,
+        session,
+        tenant,
+        body,
+        prompt=body.prompt,
+        messages=body.messages,
+        max_tokens=body.max_new_tokens,
+        max_tokens_param="max_new_tokens",
+        default_max_tokens=DEFAULT_GENERATE_TOKENS,
+    )
     text, done = await _collect(stream, body.model)
-    return GenerateResponse(model=body.model, text=text, usage=_usage(done),
-                            finish_reason=done.finish_reason)
+    return GenerateResponse(model=body.model, text=text, usage=_usage(done), finish_reason=done.finish_reason)

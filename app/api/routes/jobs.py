@@ -14,37 +14,55 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 
 def job_public(job: Job, organization_id: str) -> JobPublic:
     return JobPublic(
-        id=job.id, created_at=job.created_at, error=JobError(**job.error) if job.error else None,
-        fine_tuned_model=job.fine_tuned_model, finished_at=job.finished_at,
+        id=job.id,
+        created_at=job.created_at,
+        error=JobError(**job.error) if job.error else None,
+        fine_tuned_model=job.fine_tuned_model,
+        finished_at=job.finished_at,
         hyperparameters=job.hyperparameters,
         method={"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}},
-        model=job.model, organization_id=organization_id, seed=job.seed,
+        model=job.model,
+        organization_id=organization_id,
+        seed=job.seed,
         # A running job asked to pause still reports running until the worker has checkpointed.
-        status=job.status, trained_tokens=job.trained_tokens, training_file=job.training_file,
-        validation_file=job.validation_file, metadata=job.metadata_,
+        status=job.status,
+        trained_tokens=job.trained_tokens,
+        training_file=job.training_file,
+        validation_file=job.validation_file,
+        metadata=job.metadata_,
         user_provided_suffix=job.suffix,
     )
 
 
 def event_public(event: JobEvent) -> JobEventPublic:
     return JobEventPublic(
-        id=f"ftevent-{event.id}", created_at=event.created_at, level=event.level,
-        message=event.message, data=event.data, type="metrics" if event.data else "message",
+        id=f"ftevent-{event.id}",
+        created_at=event.created_at,
+        level=event.level,
+        message=event.message,
+        data=event.data,
+        type="metrics" if event.data else "message",
     )
 
 
 def checkpoint_public(ckpt: Checkpoint, job: Job) -> CheckpointPublic:
     metrics = {k: float(v) for k, v in (ckpt.metrics or {}).items() if isinstance(v, int | float)}
     return CheckpointPublic(
-        id=ckpt.id, created_at=ckpt.created_at,
+        id=ckpt.id,
+        created_at=ckpt.created_at,
         fine_tuned_model_checkpoint=f"{job.output_model}:ckpt-step-{ckpt.step}",
-        fine_tuning_job_id=job.id, metrics={"step": float(ckpt.step), **metrics}, step_number=ckpt.step,
+        fine_tuning_job_id=job.id,
+        metrics={"step": float(ckpt.step), **metrics},
+        step_number=ckpt.step,
     )
 
 
 @router.post("", response_model=JobPublic)
 def create_job(
-    body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep,
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ):
     """Create a supervised LoRA fine-tuning job; it waits in `queued` for a worker."""
@@ -81,15 +99,17 @@ def resume_job(job_id: str, session: SessionDep, tenant: TenantDep):
 
 
 @router.get("/{job_id}/events", response_model=ListPage[JobEventPublic])
-def list_events(job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None,
-                limit: Limit = 20):
+def list_events(
+    job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None, limit: Limit = 20
+):
     rows, more = service.list_events(session, tenant, job_id, after, limit)
     return ListPage[JobEventPublic].of([event_public(e) for e in rows], more)
 
 
 @router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointPublic])
-def list_checkpoints(job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None,
-                     limit: Limit = 10):
+def list_checkpoints(
+    job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None, limit: Limit = 10
+):
     job = service.get_job(session, tenant, job_id)
     rows, more = service.list_checkpoints(session, tenant, job_id, after, limit)
     return ListPage[CheckpointPublic].of([checkpoint_public(c, job) for c in rows], more)

@@ -42,8 +42,9 @@ def delete_model(model_id: str, request: Request, session: SessionDep, tenant: T
     """Delete a fine-tuned model: it is unloaded and later requests for it get 404."""
     settings = get_settings()
     if model_id in available_base_models(settings):
-        raise InvalidRequest(f"'{model_id}' is a base model; only fine-tuned models can be deleted.",
-                             param="model")
+        raise InvalidRequest(
+            f"'{model_id}' is a base model; only fine-tuned models can be deleted.", param="model"
+        )
     row = service.delete_model(session, settings, tenant, model_id)
     session.commit()
     engine = getattr(request.app.state, "engine", None)
