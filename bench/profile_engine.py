@@ -22,6 +22,7 @@ from app.core.settings import Settings
 from app.inference.adapters import AdapterRef
 from app.inference.engine import Completion, Engine, Failure, GenerationRequest
 from app.inference.sampling import SamplingParams
+from bench.train import build_checkpoint
 from tests.inference_support import write_peft_adapter
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -29,29 +30,10 @@ PROMPT_TOKENS, NEW_TOKENS = 48, 64
 
 
 def build_model(directory: Path, tokenizer_dir: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(directory, safe_serialization=True)
+    """The benchmarks' TinyLlama-shaped random checkpoint, plus a tokenizer for the engine."""
+    build_checkpoint(str(directory))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer_dir / name, directory / name)
-    del model
-    torch.cuda.empty_cache()
 
 
 def make_adapter(root: Path, base_dir: Path, seed: int) -> AdapterRef:
