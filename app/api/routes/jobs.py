@@ -41,7 +41,8 @@ def event_public(event: JobEvent) -> JobEventPublic:
         level=event.level,
         message=event.message,
         data=event.data,
-        type="metrics" if event.data else "message",
+        # Lifecycle events carry data too (attempt, checkpoint id); only step metrics are "metrics".
+        type="metrics" if event.data and "train_loss" in event.data else "message",
     )
 
 
