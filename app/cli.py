@@ -102,6 +102,7 @@ def up() -> None:
     # If either child exits on its own, take the other down too: half a service is no service.
     while not stopping and all(c.poll() is None for c in children.values()):
         time.sleep(0.5)
+    asked_to_stop = stopping
     _stop(signal.SIGTERM, None)
     # The worker finishes its current step and writes a checkpoint before exiting.
     deadline = time.monotonic() + 120
@@ -112,8 +113,10 @@ def up() -> None:
             typer.echo(f"{name} did not stop in time; killing it", err=True)
             child.kill()
             child.wait()
-    failed = [n for n, c in children.items() if c.returncode not in (0, -signal.SIGTERM)]
-    raise typer.Exit(1 if failed and not stopping else 0)
+    died = [n for n, c in children.items() if c.returncode not in (0, -signal.SIGTERM)]
+    if not asked_to_stop:
+        typer.echo(f"{' and '.join(died) or 'a child'} exited on its own; stopped the rest", err=True)
+    raise typer.Exit(1 if died or not asked_to_stop else 0)
 
 
 @keys_app.command("create")

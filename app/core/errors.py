@@ -65,9 +65,7 @@ def _validation_param(loc: tuple) -> str | None:
 
 
 def _is_union_tag(part) -> bool:
-    return isinstance(part, str) and (
-        "[" in part or part in {"int", "float", "str", "bool", "list", "dict"} or "-" in part
-    )
+    return isinstance(part, str) and ("[" in part or part in {"int", "float", "str", "bool", "list", "dict"})
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:

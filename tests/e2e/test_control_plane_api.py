@@ -233,6 +233,19 @@ def test_idempotency_key(server, tmp_path):
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
 
 
+def test_overlong_idempotency_key_is_refused_naming_the_header(server, tmp_path):
+    f = upload(server, tmp_path, GOOD_LINES)
+    headers = {"Authorization": f"Bearer {server['keys']['acme']}", "Idempotency-Key": "k" * 300}
+    before = len(client(server).fine_tuning.jobs.list(limit=100).data)
+    r = httpx.post(
+        f"{server['url']}/v1/fine_tuning/jobs",
+        json={"model": BASE, "training_file": f.id},
+        headers=headers,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "idempotency-key", r.text
+    assert len(client(server).fine_tuning.jobs.list(limit=100).data) == before
+
+
 def test_job_list_pagination(server, tmp_path):
     c = client(server, "globex")
     f = upload(server, tmp_path, GOOD_LINES, tenant="globex")

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 
 import httpx
 
@@ -25,7 +26,9 @@ def alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-def test_up_runs_api_and_worker_and_sigterm_stops_both(tmp_path, base_model_dir):
+@contextmanager
+def running_up(tmp_path, base_model_dir):
+    """`tuneforge up` on a fresh data dir, once its API answers; yields (process, data dir, log)."""
     data_dir = tmp_path / "data"
     link_base_model(data_dir, base_model_dir)
     port = free_port()
@@ -36,21 +39,30 @@ def test_up_runs_api_and_worker_and_sigterm_stops_both(tmp_path, base_model_dir)
         "TUNEFORGE_DEVICE": "cpu",
     }
     env.pop("TUNEFORGE_DATABASE_URL", None)
-    log = open(tmp_path / "up.log", "w+")
-    up = subprocess.Popen(
-        [str(REPO / ".venv/bin/tuneforge"), "up"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert up.poll() is None, (tmp_path / "up.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "API did not come up"
-            time.sleep(0.3)
+    log_path = tmp_path / "up.log"
+    with open(log_path, "w+") as log:
+        up = subprocess.Popen(
+            [str(REPO / ".venv/bin/tuneforge"), "up"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert up.poll() is None, log_path.read_text()
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "API did not come up"
+                time.sleep(0.3)
+            yield up, data_dir, log_path
+        finally:
+            if up.poll() is None:
+                up.kill()
+
+
+def test_up_runs_api_and_worker_and_sigterm_stops_both(tmp_path, base_model_dir):
+    with running_up(tmp_path, base_model_dir) as (up, data_dir, log_path):
         # The SQLite database was migrated in the default place under the data dir.
         assert (data_dir / "tuneforge.db").exists()
         kids = children_of(up.pid)
@@ -59,9 +71,15 @@ def test_up_runs_api_and_worker_and_sigterm_stops_both(tmp_path, base_model_dir)
         assert all(alive(k) for k in kids), "api and worker both keep running"
 
         up.send_signal(signal.SIGTERM)
-        assert up.wait(timeout=90) == 0, (tmp_path / "up.log").read_text()
+        assert up.wait(timeout=90) == 0, log_path.read_text()
         assert not any(alive(k) for k in kids)
-    finally:
-        if up.poll() is None:
-            up.kill()
-        log.close()
+
+
+def test_up_stops_the_other_child_and_fails_when_one_dies(tmp_path, base_model_dir):
+    with running_up(tmp_path, base_model_dir) as (up, _data_dir, log_path):
+        kids = children_of(up.pid)
+        assert len(kids) == 2, kids
+        os.kill(kids[0], signal.SIGKILL)
+        assert up.wait(timeout=90) == 1, log_path.read_text()
+        assert not any(alive(k) for k in kids)
+        assert "exited on its own" in log_path.read_text()
