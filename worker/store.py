@@ -5,14 +5,13 @@ transaction that also inserts its rows: the rename happens only while this attem
 and a crash before the commit leaves no row (and at most a complete, unreferenced directory).
 """
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import delete, select
 
-from app.core.artifacts import publish_dir, remove_stale_temps, sha256_file, temp_sibling
+from app.core.artifacts import publish_dir, remove_stale_temps, sha256_file, temp_sibling, write_manifest
 from app.core.settings import Settings
 from app.models import Checkpoint, JobEvent, JobStatus, Model, now
 from worker import faults
@@ -37,8 +36,7 @@ def remove_job_temps(settings: Settings, job_id: str) -> None:
 
 def _write_manifest(adapter_dir: Path, **fields) -> str:
     digest = sha256_file(adapter_dir / ADAPTER_WEIGHTS)
-    manifest = {"sha256": digest, **fields, "created_at": now()}
-    (adapter_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_manifest(adapter_dir, digest, **fields)
     return digest
 
 

@@ -1,8 +1,10 @@
 """The artifact store on the data dir: atomic directory publishing and content hashes."""
 
 import hashlib
+import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -57,3 +59,9 @@ def remove_stale_temps(parent: Path) -> None:
     if parent.is_dir():
         for p in parent.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def write_manifest(adapter_dir: Path, sha256: str, **fields) -> None:
+    """manifest.json of an adapter: the sha256 of its weights, which every load verifies."""
+    manifest = {"sha256": sha256, **fields, "created_at": int(time.time())}
+    (adapter_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.core.artifacts import publish_dir, sha256_file, temp_sibling
+from app.core.artifacts import publish_dir, sha256_file, temp_sibling, write_manifest
 from app.core.settings import Settings
 from app.models import Model
 
@@ -171,8 +171,7 @@ def import_adapter(
         try:
             for file in ADAPTER_FILES:
                 shutil.copyfile(source / file, tmp / file)
-            manifest = {"sha256": version, "base_model": base_model, "source": "import", "model": model_id}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            write_manifest(tmp, version, base_model=base_model, source="import", model=model_id)
             publish_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,6 @@ BASE_LEARNING_RATE = 2e-4
 # The fewest optimizer steps "auto" aims for, so that a small file still teaches something.
 AUTO_MIN_STEPS = 100
 
-FINISHED = {JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
 # action -> statuses it may start from. Pause and cancel of a running job are carried out by
 # the worker at its next step (it watches `pause_requested` and the status it is fenced on).
 ALLOWED_FROM = {
