@@ -35,6 +35,7 @@ from transformers import (
 from worker.data import IGNORE_INDEX, Example, collate, epoch_order, load_examples
 from worker.errors import UserError
 from worker.hooks import TrainingHooks, TrainResult
+from worker.lora_forward import use_fused_lora_forward
 from worker.store import ADAPTER_WEIGHTS
 
 LOG_EVERY_STEPS = 5
@@ -186,7 +187,9 @@ def attach_lora(model, config: TrainConfig):
         target_modules=config.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    use_fused_lora_forward(model)
+    return model
 
 
 # ---------------------------------------------------------------- training state, pickle-free

@@ -8,6 +8,7 @@ import torch
 
 from worker import pipeline
 from worker.data import IGNORE_INDEX, Example
+from worker.lora_forward import use_fused_lora_forward
 
 
 def _config(base_model_dir, **overrides) -> pipeline.TrainConfig:
@@ -81,15 +82,24 @@ def test_micro_batch_targets_stay_inside_each_example():
     assert batch["targets"].tolist() == [6, 7, 9]
 
 
+def _use_peft_forward(model) -> None:
+    """Back to PEFT's own LoRA forward (attach_lora installs the fused one per instance)."""
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+
+
 def test_fast_path_loss_equals_plain_path(base_model_dir):
-    """Two optimizer steps: equal losses at step 1 mean equal forward; at step 2, equal gradients."""
+    """Two optimizer steps: equal losses at step 1 mean equal forward; at step 2, equal gradients.
+    Plain = transformers' padded forward and loss through PEFT's own LoRA forward."""
     config = _config(base_model_dir)
     torch.manual_seed(0)
     model = pipeline.attach_lora(pipeline.load_base_model(base_model_dir, "cpu"), config)
     model.train()
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     data = _examples(8, 10_000)
+    _use_peft_forward(model)
     plain = _run(model, initial, config, 2, data, pipeline.plain_step)
+    assert use_fused_lora_forward(model) == 7 * model.config.num_hidden_layers
     for packing in (True, False):
         config = _config(base_model_dir, packing=packing)
         assert len(pipeline.micro_batches(data[:4], 0, config)[0]["input_ids"]) == (2 if packing else 4)
@@ -97,3 +107,33 @@ def test_fast_path_loss_equals_plain_path(base_model_dir):
         for p, f in zip(plain, fast, strict=True):
             assert f == pytest.approx(p, rel=1e-3)
     assert plain[1] < plain[0]  # it trained
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_forward_matches_peft(base_model_dir, dropout):
+    """One NF4 LoRA layer with nonzero B: same output and same LoRA gradients as PEFT's forward
+    (dropout masks drawn from the same seed)."""
+    config = _config(base_model_dir, lora_dropout=dropout)
+    model = pipeline.attach_lora(pipeline.load_base_model(base_model_dir, "cpu"), config)
+    model.train()
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    results = []
+    for fused in (False, True):
+        layer.__dict__.pop("forward", None)
+        if fused:
+            use_fused_lora_forward(layer)
+        torch.manual_seed(1)
+        out = layer(x)
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, x)]
+        for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, x):
+            p.grad = None
+        results.append((out.detach(), grads))
+    (plain_out, plain_grads), (fused_out, fused_grads) = results
+    assert (plain_out - layer.base_layer(x)).abs().max() > 1e-3  # the adapter contributes
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+    for fused_grad, plain_grad in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-4, atol=1e-4)
