@@ -4,7 +4,7 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from app.api.routes import files, health, inference, jobs, models
 from app.core.errors import install_error_handlers
@@ -29,6 +29,33 @@ async def lifespan(app: FastAPI):
         await asyncio.to_thread(app.state.engine.stop)
 
 
+class RequestMetrics:
+    """Counts requests and times them to the end of the response body. A plain ASGI middleware:
+    `@app.middleware("http")` would pass every SSE chunk through an extra task and memory stream."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            HTTP_REQUESTS.labels(scope["method"], path, str(status)).inc()
+            HTTP_LATENCY.labels(scope["method"], path).observe(time.perf_counter() - start)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Tuneforge",
@@ -38,16 +65,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
-        return response
-
+    app.add_middleware(RequestMetrics)
     app.include_router(health.router)
     app.include_router(files.router, prefix="/v1")
     app.include_router(jobs.router, prefix="/v1")

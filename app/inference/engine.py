@@ -1,8 +1,10 @@
 """The inference engine: one resident base model owned by one thread that runs a continuous,
 mixed-adapter batch.
 
-HTTP handlers `submit` a request and read its events from a `ResultStream` (an asyncio queue fed
-thread-safely), so the event loop never waits on torch. Each loop turn the engine thread admits
+HTTP handlers `submit` a request and read its events from a `ResultStream` (an asyncio queue), so
+the event loop never waits on torch; the engine hands over each step's events for all streams in
+one thread-safe call, and text is detokenized incrementally (a few tokens per step, not the whole
+sequence). Each loop turn the engine thread admits
 waiting requests whose adapter sits in a pool slot (loads run on the loader thread meanwhile),
 prefills the newcomers together, appends them to the running batch, then runs one decode step for
 every running sequence at once (`BatchDecoder`: a preallocated KV cache, one row per sequence at
@@ -14,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +36,13 @@ from app.inference.adapters import AdapterLoader, AdapterRef, AdapterTiers
 from app.inference.base_models import resolve_base_model
 from app.inference.decoder import PREFILL_TOKENS, BatchDecoder
 from app.inference.lora import AdapterPool
-from app.inference.sampling import SamplingParams, TextTracker, make_generator, sample_token
+from app.inference.sampling import (
+    Detokenizer,
+    SamplingParams,
+    TextTracker,
+    make_generator,
+    sample_token,
+)
 from app.services.adapter_files import AdapterGone
 
 log = logging.getLogger(__name__)
@@ -72,20 +81,26 @@ class ResultStream:
     """The handler's end of one request: TextDelta events, then a Completion or a Failure."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, engine: "Engine"):
-        self._loop = loop
+        self.loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._held = None  # read past while joining text deltas; returned next
         self._engine = engine
         self.cancelled = False
         self.done = False
 
-    def put(self, event) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            self.cancelled = True
-
     async def get(self):
-        event = await self._queue.get()
+        event = self._held if self._held is not None else await self._queue.get()
+        self._held = None
+        if isinstance(event, TextDelta) and not self._queue.empty():
+            # Deltas that piled up while this client was slower than the engine go out as one.
+            parts = [event.text]
+            while not self._queue.empty():
+                event = self._queue.get_nowait()
+                if not isinstance(event, TextDelta):
+                    self._held = event
+                    break
+                parts.append(event.text)
+            event = TextDelta("".join(parts))
         if isinstance(event, (Completion, Failure)):
             self.done = True
         return event
@@ -106,6 +121,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     tracker: TextTracker | None = None
+    detokenizer: Detokenizer | None = None
+    token_counter: object = None  # TOKENS_GENERATED's child for this model, looked up once
     # Tokens held in the KV cache for this row (prompt + generated except the newest).
     length: int = 0
 
@@ -136,6 +153,8 @@ class Engine:
         self.running: list[Sequence] = []
         # Admitted, not yet in the batch (failed with the batch if a forward pass raises).
         self.prefilling: list[Sequence] = []
+        # Events for the handlers, sent to their event loops together by `_send_events`.
+        self.outbox: list[tuple[ResultStream, object]] = []
 
     # --- Any thread ---
 
@@ -207,8 +226,27 @@ class Engine:
                 except Exception as exc:
                     log.exception("inference step failed")
                     self._fail_all(exc)
+                self._send_events()
         self._drain_commands()
         self._fail_all(EngineStopped("the inference engine stopped"))
+        self._send_events()
+
+    def _emit(self, seq: Sequence, event) -> None:
+        self.outbox.append((seq.stream, event))
+
+    def _send_events(self) -> None:
+        """One call_soon_threadsafe per event loop for everything emitted since the last call
+        (one wake-up of the loop per step, however many streams are running)."""
+        by_loop = defaultdict(list)
+        for stream, event in self.outbox:
+            by_loop[stream.loop].append((stream, event))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                for stream, _ in items:
+                    stream.cancelled = True
 
     def _turn(self) -> None:
         self._wake.clear()
@@ -220,6 +258,7 @@ class Engine:
         self.prefilling = list(admitted)
         if self.prefilling:
             self._prefill_all()
+            self._send_events()  # first tokens out before the decode step
         self._drop_cancelled()
         INFERENCE_WAITING.set(len(self.waiting))
         INFERENCE_RUNNING.set(len(self.running))
@@ -278,6 +317,8 @@ class Engine:
         for seq in batch:
             seq.generator = make_generator(seq.request.params)
             seq.tracker = TextTracker(seq.request.params.stop)
+            seq.detokenizer = Detokenizer(self.tokenizer)
+            seq.token_counter = TOKENS_GENERATED.labels(seq.request.model)
             seq.length = len(seq.request.prompt_ids)
         logits, greedy = self.decoder.prefill(
             len(self.running), [s.request.prompt_ids for s in batch], [s.slot for s in batch]
@@ -314,18 +355,20 @@ class Engine:
         params = seq.request.params
         token = greedy if params.greedy else sample_token(logits, params, seq.generator)
         seq.generated.append(token)
-        TOKENS_GENERATED.labels(seq.request.model).inc()
         is_eos = token in self.eos_ids
-        text_ids = seq.generated[:-1] if is_eos else seq.generated
         finished = is_eos or len(seq.generated) >= params.max_new_tokens
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        delta = seq.tracker.advance(text, finished)
+        seq.token_counter.inc()
+        if not is_eos:
+            seq.detokenizer.add(token)
+        if finished:
+            seq.detokenizer.finish()
+        delta = seq.tracker.advance(seq.detokenizer.text, finished)
         if delta:
-            seq.stream.put(TextDelta(delta))
+            self._emit(seq, TextDelta(delta))
         if not (finished or seq.tracker.stopped):
             return False
         reason = "stop" if is_eos or seq.tracker.stopped else "length"
-        seq.stream.put(Completion(reason, len(seq.request.prompt_ids), len(seq.generated)))
+        self._emit(seq, Completion(reason, len(seq.request.prompt_ids), len(seq.generated)))
         self._finish_metrics(seq, "completed")
         return True
 
@@ -354,7 +397,7 @@ class Engine:
         keep = []
         for seq in self.waiting:
             if seq.request.adapter is not None and seq.request.adapter.version == version:
-                seq.stream.put(Failure(error))
+                self._emit(seq, Failure(error))
                 self._finish_metrics(seq, "failed")
             else:
                 keep.append(seq)
@@ -364,9 +407,14 @@ class Engine:
         for seq in [*self.running, *self.prefilling]:
             self._release(seq)
         for seq in [*self.running, *self.prefilling, *self.waiting]:
-            seq.stream.put(Failure(error))
+            self._emit(seq, Failure(error))
             self._finish_metrics(seq, "failed")
         self.running, self.prefilling, self.waiting = [], [], []
 
     def _finish_metrics(self, seq: Sequence, outcome: str) -> None:
         INFERENCE_REQUESTS.labels(seq.request.model, outcome).inc()
+
+
+def _deliver(items: list[tuple[ResultStream, object]]) -> None:
+    for stream, event in items:
+        stream._queue.put_nowait(event)

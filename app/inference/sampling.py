@@ -2,6 +2,7 @@
 (stop strings cut the text; a partial stop string or a half-decoded character is held back)."""
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -77,3 +78,29 @@ class TextTracker:
                     hold = max(hold, n)
                     break
         return hold
+
+
+class Detokenizer:
+    """The text of a growing sequence of token ids, decoding a window of a few tokens per new
+    token instead of the whole sequence (prefix/read offsets, as vLLM does). The window starts at
+    the previous step's tokens, so a tokenizer that drops the leading space at the start of a
+    decode changes nothing, and text waits while it ends in half a multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self._decode = partial(tokenizer.decode, skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # the window's start
+        self._read = 0  # ids before this are in `text`
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        prefix = self._decode(self.ids[self._prefix : self._read])
+        window = self._decode(self.ids[self._prefix :])
+        if len(window) > len(prefix) and not window.endswith("\ufffd"):
+            self.text += window[len(prefix) :]
+            self._prefix, self._read = self._read, len(self.ids)
+
+    def finish(self) -> None:
+        """The text of all ids at once, a dangling partial character included."""
+        self.text = self._decode(self.ids)

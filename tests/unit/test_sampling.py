@@ -62,3 +62,29 @@ def test_half_decoded_characters_are_held_until_complete():
 def test_earliest_of_several_stops_wins():
     tracker = TextTracker(("b", "cd"))
     assert tracker.advance("a cd b", finished=False) == "a " and tracker.stopped
+
+
+def test_incremental_detokenizer_gives_the_full_decode_at_every_step(base_model_dir):
+    """Text with multi-byte characters, emoji (several byte tokens each), code and special tokens:
+    after every token the incremental text is a prefix of what decoding all tokens at once shows,
+    and all of it unless that ends in half a character; after finish() it is exactly the full
+    decode."""
+    from transformers import AutoTokenizer
+
+    from app.inference.sampling import Detokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    text = "Grüße aus Köln — 東京の天気は☀️ 🤖🚀 def f(x):\n    return x**2  # ok\n\n  Done."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = ids[:20] + [tokenizer.eos_token_id] + ids[20:]
+    assert len(ids) > 30
+    detokenizer = Detokenizer(tokenizer)
+    for n, token in enumerate(ids, start=1):
+        detokenizer.add(token)
+        full = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        assert full.startswith(detokenizer.text)
+        if not full.endswith("\ufffd"):
+            assert detokenizer.text == full
+    detokenizer.finish()
+    assert detokenizer.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert "東京" in detokenizer.text and "🚀" in detokenizer.text

@@ -190,13 +190,27 @@ def _usage(done) -> Usage:
     )
 
 
-def _sse(stream, model_id: str, first, chunks: Callable, preamble=()) -> StreamingResponse:
+# Stands in for the text of a delta chunk rendered once; see _sse.
+_DELTA_MARK = "__tuneforge_delta__"
+
+
+def _sse(stream, model_id: str, first, delta_chunk, final_chunks: Callable, preamble=()) -> StreamingResponse:
+    """The SSE response: preamble chunks, one chunk per text delta, `final_chunks(completion)`.
+    `delta_chunk` is rendered once with a marker for its text; each delta's line is that JSON with
+    the delta spliced in as a JSON string, which is many times cheaper than a model per token."""
+    head, _, tail = delta_chunk.model_dump_json().rpartition(json.dumps(_DELTA_MARK))
+
     async def body():
+        from app.inference.engine import Completion
+
         for chunk in preamble:
             yield f"data: {chunk.model_dump_json()}\n\n"
         try:
             async for event in _events(stream, model_id, first):
-                for chunk in chunks(event):
+                if not isinstance(event, Completion):
+                    yield f"data: {head}{json.dumps(event.text, ensure_ascii=False)}{tail}\n\n"
+                    continue
+                for chunk in final_chunks(event):
                     yield f"data: {chunk.model_dump_json()}\n\n"
         except APIError as exc:
             yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.param, exc.code))}\n\n"
@@ -218,7 +232,6 @@ def _check_n(n: int | None) -> None:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, session: SessionDep, tenant: TenantDep
 ):
-    from app.inference.engine import Completion
 
     _check_n(body.n)
     max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
@@ -246,25 +259,28 @@ async def chat_completions(
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first = await _first_event(stream, body.model)
 
-    def chunks(event):
-        if isinstance(event, Completion):
-            yield ChatCompletionChunk(
-                **meta, choices=[ChatChunkChoice(delta=ChunkDelta(), finish_reason=event.finish_reason)]
-            )
-            if include_usage:
-                yield ChatCompletionChunk(**meta, choices=[], usage=_usage(event))
-        else:
-            yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChunkDelta(content=event.text))])
+    def final_chunks(done):
+        yield ChatCompletionChunk(
+            **meta, choices=[ChatChunkChoice(delta=ChunkDelta(), finish_reason=done.finish_reason)]
+        )
+        if include_usage:
+            yield ChatCompletionChunk(**meta, choices=[], usage=_usage(done))
 
-    role = ChatCompletionChunk(
-        **meta, choices=[ChatChunkChoice(delta=ChunkDelta(role="assistant", content=""))]
+    def chunk(**delta):
+        return ChatCompletionChunk(**meta, choices=[ChatChunkChoice(delta=ChunkDelta(**delta))])
+
+    return _sse(
+        stream,
+        body.model,
+        first,
+        chunk(content=_DELTA_MARK),
+        final_chunks,
+        preamble=[chunk(role="assistant", content="")],
     )
-    return _sse(stream, body.model, first, chunks, preamble=[role])
 
 
 @router.post("/v1/completions", response_model=TextCompletion)
 async def completions(body: CompletionRequest, request: Request, session: SessionDep, tenant: TenantDep):
-    from app.inference.engine import Completion
 
     _check_n(body.n)
     prompt = body.prompt
@@ -294,17 +310,13 @@ async def completions(body: CompletionRequest, request: Request, session: Sessio
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     first = await _first_event(stream, body.model)
 
-    def chunks(event):
-        if isinstance(event, Completion):
-            yield TextCompletion(
-                **meta, choices=[CompletionChoice(text="", finish_reason=event.finish_reason)]
-            )
-            if include_usage:
-                yield TextCompletion(**meta, choices=[], usage=_usage(event))
-        else:
-            yield TextCompletion(**meta, choices=[CompletionChoice(text=event.text)])
+    def final_chunks(done):
+        yield TextCompletion(**meta, choices=[CompletionChoice(text="", finish_reason=done.finish_reason)])
+        if include_usage:
+            yield TextCompletion(**meta, choices=[], usage=_usage(done))
 
-    return _sse(stream, body.model, first, chunks)
+    delta_chunk = TextCompletion(**meta, choices=[CompletionChoice(text=_DELTA_MARK)])
+    return _sse(stream, body.model, first, delta_chunk, final_chunks)
 
 
 @router.post("/generate", response_model=GenerateResponse)
