@@ -1,5 +1,9 @@
 """Database engine and sessions. SQLite runs in WAL mode with a busy timeout so the API and the
-worker processes can share one file; PostgreSQL needs nothing special."""
+worker processes can share one file; PostgreSQL needs nothing special.
+
+Two kinds of session: `get_sessionmaker()` for anything that may write (on SQLite its transactions
+are BEGIN IMMEDIATE), and `get_read_sessionmaker()` for pure reads on the request path (plain,
+deferred BEGIN on SQLite: in WAL mode such a reader never waits for, nor blocks, a writer)."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option set on the read-only engine; the SQLite "begin" hook reads it, other dialects ignore it.
+READ_ONLY_OPTION = "tuneforge_read_only"
 
 
 def make_engine(url: str) -> Engine:
@@ -30,8 +36,14 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            # BEGIN IMMEDIATE: a read-then-write transaction never fails half-way with "database is locked".
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY_OPTION):
+                # Deferred: a WAL reader reads its snapshot without the write lock, so hot read paths
+                # (API-key and model lookups) never sleep in the busy handler behind a writer.
+                conn.exec_driver_sql("BEGIN")
+            else:
+                # BEGIN IMMEDIATE: a read-then-write transaction never fails half-way with "database
+                # is locked" (a deferred one could not upgrade to a write after another commit).
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -45,6 +57,18 @@ def get_engine() -> Engine:
 @lru_cache
 def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    """Sessions for transactions that only read (never flush a write in one: on SQLite a deferred
+    transaction that tries to write after another process committed fails with SQLITE_BUSY)."""
+    return _read_sessionmaker(get_engine())
+
+
+@lru_cache(maxsize=4)
+def _read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    # Keyed on the engine so it follows get_engine() when that cache is cleared; shares its pool.
+    return sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
 
 
 @contextmanager

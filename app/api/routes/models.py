@@ -1,6 +1,6 @@
 from fastapi import APIRouter, Request
 
-from app.api.deps import SessionDep, TenantDep
+from app.api.deps import ReadSessionDep, SessionDep, TenantDep
 from app.core.errors import InvalidRequest
 from app.core.settings import get_settings
 from app.inference.base_models import available_base_models
@@ -23,7 +23,7 @@ def model_public(row: Model) -> ModelPublic:
 
 
 @router.get("/models", response_model=ListPage[ModelPublic])
-def list_models(session: SessionDep, tenant: TenantDep):
+def list_models(session: ReadSessionDep, tenant: TenantDep):
     """Base models, then the caller's fine-tunes, checkpoints and imported adapters."""
     data = [base_public(n) for n in available_base_models(get_settings())]
     data += [model_public(m) for m in service.list_models(session, tenant)]
@@ -31,7 +31,7 @@ def list_models(session: SessionDep, tenant: TenantDep):
 
 
 @router.get("/models/{model_id:path}", response_model=ModelPublic)
-def retrieve_model(model_id: str, session: SessionDep, tenant: TenantDep):
+def retrieve_model(model_id: str, session: ReadSessionDep, tenant: TenantDep):
     if model_id in available_base_models(get_settings()):
         return base_public(model_id)
     return model_public(service.get_model(session, tenant, model_id))
