@@ -3,7 +3,6 @@
 # datasets/pyarrow are left out on purpose: pyarrow alone is ~45 MiB and the GPU bench paths don't import datasets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 PKGS="transformers peft trl bitsandbytes fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv
 typing-inspection annotated-types annotated-doc sqlalchemy alembic mako uvicorn h11 httpx httpcore anyio sniffio
 python-multipart prometheus_client sse-starlette uvloop httptools typer click rich shellingham markdown-it-py mdurl pygments gguf

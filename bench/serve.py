@@ -225,9 +225,9 @@ async def drive(url, key, models, concurrency, total):
             async with sem:
                 return await _one(c, url, key, models[k % len(models)], prompt)
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         res = await asyncio.gather(*(job(k) for k in range(total)))
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     ttfts = [r[0] for r in res if r[0] is not None]
     toks = sum(r[1] for r in res)  # SSE chunks ~ tokens; prefer usage if the server reports it
     return dict(
@@ -236,6 +236,8 @@ async def drive(url, key, models, concurrency, total):
         ttft_p99_s=round(pct(ttfts, 99), 4),
         requests=total,
         chunks=toks,
+        # The client's own CPU share (one process): near 1.0 would mean the client is the bottleneck.
+        client_cpu_share=round(cpu / dt, 3),
     )
 
 
@@ -278,7 +280,15 @@ def run_server(per_level=64, port=8765):
             c = asyncio.run(_one_client(url, key, m))
             w = asyncio.run(_one_client(url, key, m))
             cold.append(c - w)
+        loads = {
+            m.group(1): float(m.group(2))
+            for m in re.finditer(
+                r"^tuneforge_adapter_load_seconds_(sum|count) (\S+)$", httpx.get(url + "/metrics").text, re.M
+            )
+        }
         out = {
+            # The loader thread's own time (read + verify + convert + pin), from the server's /metrics.
+            "server_loader_ms_mean": round(1000 * loads["sum"] / max(loads["count"], 1), 1),
             "server_adapter_cold_load_p50_s": round(pct(cold, 50), 4),
             "adapter_load_ms_p50": round(pct(cold, 50) * 1000, 1),
             "adapter_load_ms_all": [round(c * 1000, 1) for c in cold],

@@ -16,29 +16,33 @@ from bench._results import merge
 from bench.train import CKPT, WARM, build_checkpoint, loss_at_tokens, synthetic_examples
 from worker import pipeline
 
-CONFIGS = [  # name, hyperparameters, MICRO_BATCH_TOKENS, step function
+# name, hyperparameters, MICRO_BATCH_TOKENS, step function ("plain": transformers' padded forward
+# and loss through PEFT's own LoRA forward; "peft_lora": the fast path with PEFT's LoRA forward).
+CONFIGS = [
     ("plain_b16", {"batch_size": 16}, 16384, "plain"),
     ("fast_b16", {"batch_size": 16}, 16384, "fast"),
-    ("fast_b64", {"batch_size": 64}, 16384, "fast"),
-    ("fast_b128_mb8k", {"batch_size": 128}, 8192, "fast"),
-    ("fast_b128_nodropout", {"batch_size": 128, "lora_dropout": 0.0}, 16384, "fast"),
+    ("fast_b128_peft_lora_forward", {"batch_size": 128}, 16384, "peft_lora"),
     ("fast_b128_mb16k", {"batch_size": 128}, 16384, "fast"),
-    ("fast_b256_mb16k", {"batch_size": 256}, 16384, "fast"),
-    ("fast_b32_unpacked", {"batch_size": 32, "packing": False}, 16384, "fast"),
+    ("fast_b128_mb24k", {"batch_size": 128}, 24576, "fast"),
+    ("fast_b128_mb24k_nodropout", {"batch_size": 128, "lora_dropout": 0.0}, 24576, "fast"),
+    ("fast_b256_mb24k", {"batch_size": 256}, 24576, "fast"),
+    ("fast_b256_mb32k", {"batch_size": 256}, 32768, "fast"),
 ]
 
 
 def run(name, hp, budget, kind, steps, data):
     pipeline.MICRO_BATCH_TOKENS = budget
-    original = pipeline.train_step
+    original_step, original_forward = pipeline.train_step, pipeline.use_fused_lora_forward
     if kind == "plain":
         pipeline.train_step = pipeline.plain_step
+    if kind in ("plain", "peft_lora"):
+        pipeline.use_fused_lora_forward = lambda model: 0
     try:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         r = pipeline.bench_train(data, CKPT, steps=steps, warmup_steps=WARM, seed=0, **hp)
     finally:
-        pipeline.train_step = original
+        pipeline.train_step, pipeline.use_fused_lora_forward = original_step, original_forward
     r.update(
         name=name,
         micro_batch_tokens=budget,

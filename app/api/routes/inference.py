@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, TenantDep
+from app.api.deps import ReadSessionDep, TenantDep
 from app.core.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
 from app.core.settings import get_settings
 from app.schemas import (
@@ -76,8 +76,15 @@ async def _submit(
     from app.inference.sampling import SamplingParams
 
     engine = _engine(request)
-    resolved = resolve_model(session, get_settings(), tenant, body.model)
-    session.commit()  # end the read transaction before the (long) generation
+
+    def resolve():
+        try:
+            return resolve_model(session, get_settings(), tenant, body.model)
+        finally:
+            session.commit()  # end the read transaction before the (long) generation
+
+    # Off the event loop: a database round trip per request would stall every stream's writes.
+    resolved = await run_in_threadpool(resolve)
     if resolved.base_model != engine.base_model:
         raise InvalidRequest(
             f"The model '{body.model}' is built on {resolved.base_model}, which this server does "
@@ -230,7 +237,7 @@ def _check_n(n: int | None) -> None:
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, session: SessionDep, tenant: TenantDep
+    body: ChatCompletionRequest, request: Request, session: ReadSessionDep, tenant: TenantDep
 ):
 
     _check_n(body.n)
@@ -280,7 +287,7 @@ async def chat_completions(
 
 
 @router.post("/v1/completions", response_model=TextCompletion)
-async def completions(body: CompletionRequest, request: Request, session: SessionDep, tenant: TenantDep):
+async def completions(body: CompletionRequest, request: Request, session: ReadSessionDep, tenant: TenantDep):
 
     _check_n(body.n)
     prompt = body.prompt
@@ -320,7 +327,7 @@ async def completions(body: CompletionRequest, request: Request, session: Sessio
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request, session: SessionDep, tenant: TenantDep):
+async def generate(body: GenerateRequest, request: Request, session: ReadSessionDep, tenant: TenantDep):
     stream = await _submit(
         request,
         session,
