@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, select
 
-from app.core.artifacts import publish_dir, remove_stale_temps, sha256_file, temp_sibling, write_manifest
+from app.core.artifacts import publish_dir, remove_stale_temps, temp_sibling, write_manifest
 from app.core.settings import Settings
 from app.models import Checkpoint, JobEvent, JobStatus, Model, now
 from worker import faults
@@ -32,12 +32,6 @@ def remove_job_temps(settings: Settings, job_id: str) -> None:
     """Temp dirs of this job are only written by its lease holder, so the holder may drop them."""
     remove_stale_temps(job_dir(settings, job_id))
     remove_stale_temps(checkpoints_dir(settings, job_id))
-
-
-def _write_manifest(adapter_dir: Path, **fields) -> str:
-    digest = sha256_file(adapter_dir / ADAPTER_WEIGHTS)
-    write_manifest(adapter_dir, digest, **fields)
-    return digest
 
 
 def latest_checkpoint(session, settings: Settings, job_id: str) -> Checkpoint | None:
@@ -63,7 +57,7 @@ def save_checkpoint(
     tmp = temp_sibling(final)
     try:
         write(tmp)
-        version = _write_manifest(
+        version = write_manifest(
             tmp / "adapter",
             base_model=job.model,
             hyperparameters=job.hyperparameters,
@@ -121,7 +115,7 @@ def publish_adapter(
     tmp = temp_sibling(job_dir(settings, job.id) / "publish")
     try:
         save_adapter(tmp)
-        version = _write_manifest(
+        version = write_manifest(
             tmp, base_model=job.model, hyperparameters=job.hyperparameters, job_id=job.id
         )
         faults.crash_point("publish_before_rename")

@@ -3,7 +3,6 @@ a CPU cache (bounded LRU of loaded weights) and the artifact store on disk, read
 thread so that a slow load never stalls the decode loop. Everything is keyed by version (the
 sha256 of the weights), so a re-created model id never meets stale weights."""
 
-import hashlib
 import mmap
 import os
 import queue
@@ -11,6 +10,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from app.services.adapter_files import (
 
 # Test hook: seconds each disk load sleeps, to show that loads never stall other requests.
 LOAD_DELAY_ENV = "TUNEFORGE_TEST_ADAPTER_LOAD_DELAY_S"
+# Verifies a mapped file while the loader thread converts its tensors.
+_VERIFIER = ThreadPoolExecutor(1, thread_name_prefix="adapter-verify")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:
         raise AdapterGone("the adapter's files are gone (the model was deleted)")
     # One read: the bytes that are hashed are the bytes that are loaded.
     data = (ref.adapter_dir / "adapter_model.safetensors").read_bytes()
-    verify_manifest(ref.adapter_dir, ref.version, hashlib.sha256(data).hexdigest())
+    verify_manifest(ref.adapter_dir, ref.version, data)
     specs = check_adapter_dir(ref.adapter_dir, base_dir)
     tensors = load(data)
     weights = {}
@@ -55,17 +57,15 @@ def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:
 
 
 def load_adapter_staged(ref: AdapterRef, base_dir: Path, dtype: torch.dtype, pin: bool) -> StagedAdapter:
-    """load_adapter_weights, staged for the pool, fast: the file is mapped, not read; its sha256
-    is computed on a second thread while the tensors are converted straight from the mapping into
-    the staging buffer; nothing is returned unless the hash matches."""
+    """load_adapter_weights, staged for the pool, fast: the file is mapped, not read; it is
+    verified (its blocks hashed in parallel) on another thread while the tensors are converted
+    straight from the mapping into the staging buffer; nothing is returned unless it matches."""
     if not ref.adapter_dir.is_dir():
         raise AdapterGone("the adapter's files are gone (the model was deleted)")
     path = ref.adapter_dir / "adapter_model.safetensors"
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    digest: list[str] = []
-    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(mapped).hexdigest()))
-    hasher.start()
+    verified = _VERIFIER.submit(verify_manifest, ref.adapter_dir, ref.version, mapped)
     try:
         specs = check_adapter_dir(ref.adapter_dir, base_dir)
         header = read_safetensors_header(path)
@@ -90,12 +90,9 @@ def load_adapter_staged(ref: AdapterRef, base_dir: Path, dtype: torch.dtype, pin
             pin,
         )
     except Exception:
-        # A hash mismatch is the better explanation, if there is one.
-        hasher.join()
-        verify_manifest(ref.adapter_dir, ref.version, digest[0] if digest else None)
+        verified.result()  # A mismatch is the better explanation, if there is one.
         raise
-    hasher.join()
-    verify_manifest(ref.adapter_dir, ref.version, digest[0] if digest else None)
+    verified.result()
     return staged
 
 

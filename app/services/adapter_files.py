@@ -1,10 +1,13 @@
 """PEFT LoRA adapter directories: checks that need no torch (config, safetensors headers against
 the base model's tensor shapes, manifest hash) and importing one into the artifact store."""
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 IGNORED_FILES = ("README.md",)
 PEFT_PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Verifies the blocks of a weights file in parallel: hashlib releases the GIL while it hashes.
+_BLOCK_HASHERS = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="adapter-hash")
 
 
 class AdapterFileError(ValueError):
@@ -127,18 +132,33 @@ def check_adapter_dir(adapter_dir: Path, base_dir: Path) -> dict[str, LoraModule
     return specs
 
 
-def verify_manifest(adapter_dir: Path, version: str, actual: str | None = None) -> None:
-    """The weights file must hash to the version the model id points at (and its manifest).
-    `actual`: the file's sha256 when the caller has already hashed the bytes it read."""
+def verify_manifest(adapter_dir: Path, version: str, data) -> None:
+    """`data`, the bytes of the weights file (read or mapped), must be the version the model id
+    points at: the manifest's sha256 must be the version, and `data` must match the manifest's
+    block digests (hashed in parallel) or, in manifests written before those, its sha256."""
     try:
         manifest = json.loads((adapter_dir / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         raise AdapterFileError("the adapter's manifest.json is missing or unreadable") from exc
-    actual = actual or sha256_file(adapter_dir / "adapter_model.safetensors")
-    if manifest.get("sha256") != version or actual != version:
+    blocks = manifest.get("sha256_blocks")
+    if blocks:
+        intact = _blocks_match(memoryview(data), blocks["block_bytes"], blocks["digests"])
+    else:  # a manifest written before block digests existed
+        intact = hashlib.sha256(data).hexdigest() == version
+    if manifest.get("sha256") != version or not intact:
         raise AdapterFileError(
             "adapter_model.safetensors does not match its manifest sha256 (corrupt or truncated)"
         )
+
+
+def _blocks_match(data: memoryview, block_bytes: int, digests: list[str]) -> bool:
+    """Every block matches its digest, and there are as many blocks as digests (so a file cut
+    at a block boundary, or grown by whole blocks, does not match either)."""
+
+    def digest(start: int) -> str:
+        return hashlib.sha256(data[start : start + block_bytes]).hexdigest()
+
+    return list(_BLOCK_HASHERS.map(digest, range(0, len(data), block_bytes))) == digests
 
 
 def import_adapter(
@@ -171,7 +191,9 @@ def import_adapter(
         try:
             for file in ADAPTER_FILES:
                 shutil.copyfile(source / file, tmp / file)
-            write_manifest(tmp, version, base_model=base_model, source="import", model=model_id)
+            copied = write_manifest(tmp, base_model=base_model, source="import", model=model_id)
+            if copied != version:
+                raise AdapterFileError("adapter_model.safetensors changed while it was imported")
             publish_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
