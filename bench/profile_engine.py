@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from app.core.artifacts import sha256_file
+from app.core.artifacts import write_manifest
 from app.core.settings import Settings
 from app.inference.adapters import AdapterRef
 from app.inference.engine import Completion, Engine, Failure, GenerationRequest
@@ -39,10 +39,9 @@ def build_model(directory: Path, tokenizer_dir: Path) -> None:
 def make_adapter(root: Path, base_dir: Path, seed: int) -> AdapterRef:
     staging = root / f"staging-{seed}"
     write_peft_adapter(staging, base_dir, seed, rank=16, alpha=32, targets=ALL_LINEAR, std=0.02)
-    version = sha256_file(staging / "adapter_model.safetensors")
+    version = write_manifest(staging)
     final = root / version
     staging.rename(final)
-    (final / "manifest.json").write_text(json.dumps({"sha256": version}))
     return AdapterRef(version, final)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 
-from app.core.artifacts import publish_dir, sha256_file, temp_sibling
+from app.core.artifacts import publish_dir, sha256_file, temp_sibling, write_manifest
 from app.core.db import make_engine
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 from app.models import Model
@@ -72,7 +72,7 @@ def publish_adapter_files(settings: Settings, seed: int, **kw) -> Path:
         tmp = temp_sibling(final)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(staging / name, tmp / name)
-        (tmp / "manifest.json").write_text(json.dumps({"sha256": version, "base_model": EMBEDDED_BASE_MODEL}))
+        write_manifest(tmp, base_model=EMBEDDED_BASE_MODEL)
         publish_dir(tmp, final)
     shutil.rmtree(staging)
     return final
