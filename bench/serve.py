@@ -37,7 +37,7 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
 
 
-def ensure_tokenizer(path=CKPT):
+def ensure_tokenizer(path=CKPT, vocab_size=32000):
     """The random checkpoint has no tokenizer; the server needs one. A word-level tokenizer whose
     words are the ids themselves ("3".."31999"): a prompt of N numbers is N tokens."""
     if os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -45,7 +45,7 @@ def ensure_tokenizer(path=CKPT):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{str(i): i for i in range(3, 32000)}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{str(i): i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(
@@ -139,22 +139,31 @@ def run_naive(base, n_requests=8):
 # ------------------------------------------------------------------------------------------------------
 def _cli(env, *args):
     r = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=env.get("BENCH_APP_ROOT", str(ROOT)),
     )
     if r.returncode:
         raise RuntimeError(f"tuneforge {' '.join(args)} failed: {r.stderr[-2000:]}")
     return r.stdout
 
 
-def setup_store(data_dir: Path, base_name=Path(CKPT).name):
+def setup_store(data_dir: Path, ckpt=CKPT, adapters=AD_ROOT, device="cuda", app_root=ROOT):
+    """A data dir with a key and the N_AD adapters imported; `app_root` is the checkout whose
+    `tuneforge` runs (bench/http_path.py compares two revisions)."""
     # The base name is the checkpoint's directory name: import checks the adapter's recorded base.
+    base_name = Path(ckpt).name
     env = dict(
         os.environ,
         TUNEFORGE_DATA_DIR=str(data_dir),
-        TUNEFORGE_BASE_MODELS=json.dumps({base_name: CKPT}),
+        TUNEFORGE_BASE_MODELS=json.dumps({base_name: str(ckpt)}),
         TUNEFORGE_SERVE_BASE_MODEL=base_name,
-        TUNEFORGE_DEVICE="cuda",
-        PYTHONPATH=os.pathsep.join([p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]),
+        TUNEFORGE_DEVICE=device,
+        BENCH_APP_ROOT=str(app_root),
+        PYTHONPATH=os.pathsep.join([str(app_root), *[p for p in [os.environ.get("PYTHONPATH")] if p]]),
     )
     key_out = _cli(env, "keys", "create", "--tenant", "bench")
     m = re.search(r"(tf[-_][A-Za-z0-9_\-]{16,}|sk[-_][A-Za-z0-9_\-]{16,})", key_out)
@@ -165,7 +174,7 @@ def setup_store(data_dir: Path, base_name=Path(CKPT).name):
             env,
             "models",
             "import",
-            str(AD_ROOT / f"ad{i}"),
+            str(adapters / f"ad{i}"),
             "--tenant",
             "bench",
             "--name",
@@ -241,9 +250,9 @@ async def drive(url, key, models, concurrency, total):
     )
 
 
-def run_server(per_level=64, port=8765):
+def run_server(per_level=64, port=8765, levels=(1, 16, 64), **store):
     data_dir = Path(tempfile.mkdtemp(prefix="tf-bench-"))
-    env, key, models = setup_store(data_dir)
+    env, key, models = setup_store(data_dir, **store)
     env["TUNEFORGE_PORT"] = str(port)
     env["TUNEFORGE_MAX_BATCH_SIZE"] = "64"  # the 64-concurrent level decodes as one batch
     # The log goes straight to $OUT (if set) so that it survives a killed run; -X faulthandler:
@@ -252,6 +261,7 @@ def run_server(per_level=64, port=8765):
     proc = subprocess.Popen(
         [sys.executable, "-X", "faulthandler", "-m", "app.cli", "api"],
         env=env,
+        cwd=env["BENCH_APP_ROOT"],
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
         start_new_session=False,
@@ -293,12 +303,13 @@ def run_server(per_level=64, port=8765):
             "adapter_load_ms_p50": round(pct(cold, 50) * 1000, 1),
             "adapter_load_ms_all": [round(c * 1000, 1) for c in cold],
         }
-        for conc in (1, 16, 64):
+        for conc in levels:
             r = asyncio.run(drive(url, key, models, conc, 16 if conc == 1 else max(per_level, 4 * conc)))
             out[f"server_c{conc}"] = r
             out[f"c{conc}_tokens_per_s"] = r["tokens_per_s"]
             out[f"ttft_ms_p50_c{conc}"] = round(r["ttft_p50_s"] * 1000, 1)
-        out["tuneforge_tokens_per_s_c64"] = out["server_c64"]["tokens_per_s"]
+        if "server_c64" in out:
+            out["tuneforge_tokens_per_s_c64"] = out["server_c64"]["tokens_per_s"]
         return out
     except BaseException:
         if proc.poll() is None:

@@ -109,10 +109,11 @@ def test_fast_path_loss_equals_plain_path(base_model_dir):
     assert plain[1] < plain[0]  # it trained
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_lora_forward_matches_peft(base_model_dir, dropout):
+@pytest.mark.parametrize(("dropout", "autocast"), [(0.0, False), (0.1, False), (0.0, True)])
+def test_fused_lora_forward_matches_peft(base_model_dir, dropout, autocast):
     """One NF4 LoRA layer with nonzero B: same output and same LoRA gradients as PEFT's forward
-    (dropout masks drawn from the same seed)."""
+    (dropout masks drawn from the same seed). Under bf16 autocast (what CUDA training runs), equal
+    to bf16 precision."""
     config = _config(base_model_dir, lora_dropout=dropout)
     model = pipeline.attach_lora(pipeline.load_base_model(base_model_dir, "cpu"), config)
     model.train()
@@ -126,7 +127,8 @@ def test_fused_lora_forward_matches_peft(base_model_dir, dropout):
         if fused:
             use_fused_lora_forward(layer)
         torch.manual_seed(1)
-        out = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x).float()
         out.square().sum().backward()
         grads = [p.grad.clone() for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, x)]
         for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, x):
@@ -134,6 +136,9 @@ def test_fused_lora_forward_matches_peft(base_model_dir, dropout):
         results.append((out.detach(), grads))
     (plain_out, plain_grads), (fused_out, fused_grads) = results
     assert (plain_out - layer.base_layer(x)).abs().max() > 1e-3  # the adapter contributes
-    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(fused_out, plain_out, **tolerance)
     for fused_grad, plain_grad in zip(fused_grads, plain_grads, strict=True):
-        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            fused_grad / plain_grad.abs().max(), plain_grad / plain_grad.abs().max(), **tolerance
+        )

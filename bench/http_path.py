@@ -1,0 +1,102 @@
+"""The API process's own capacity: the real `tuneforge api` serving a tiny random Llama on the CPU,
+so that the model costs little and what is measured is the path around it (auth and model lookup,
+tokenizing, the engine loop's Python, detokenizing, SSE through the event loop). Runs this
+checkout and another git revision (default: the last one before the serving hot-path work) one
+after the other in the same run, with bench/serve.py's server half and streaming clients.
+
+python3 bench/http_path.py [--baseline-rev 445b8db] [--requests-per-level 64]
+Needs no GPU. Writes docs/benchmarks/http_path_cpu.json. Both revisions run in this venv (so both
+get uvicorn's uvloop/httptools if installed). The client runs in this process and shares the
+machine's cores with the server: read the ratios, not the absolute figures.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench import serve  # noqa: E402
+from bench._results import LATEST, merge  # noqa: E402
+
+TINY = Path(tempfile.gettempdir()) / "tf-http-path" / "tiny-llama"
+ADAPTERS = TINY.parent / "adapters"
+VOCAB = 1000  # bench/serve.py's prompts are numbers 100..998; the word tokenizer maps "3".."999"
+
+
+def build_tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (TINY / "config.json").exists():
+        return
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(TINY)
+    serve.ensure_tokenizer(str(TINY), VOCAB)
+    from peft import LoraConfig, get_peft_model
+
+    for i in range(serve.N_AD):
+        torch.manual_seed(i)
+        peft_model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        )
+        peft_model.save_pretrained(ADAPTERS / f"ad{i}")
+        model = peft_model.unload()
+
+
+def checkout(rev: str) -> Path:
+    path = Path(tempfile.gettempdir()) / f"tf-rev-{rev}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline-rev", default="445b8db")
+    ap.add_argument("--requests-per-level", type=int, default=64)
+    a = ap.parse_args()
+    build_tiny()
+    results = {}
+    for label, root in (("baseline", checkout(a.baseline_rev)), ("current", ROOT)):
+        store = dict(ckpt=TINY, adapters=ADAPTERS, device="cpu", app_root=root)
+        results[label] = serve.run_server(a.requests_per_level, levels=(1, 16, 64), **store)
+        print(label, json.dumps(results[label]), flush=True)
+    ratios = {
+        key: round(results["current"][key] / results["baseline"][key], 2)
+        for key in ("c1_tokens_per_s", "c16_tokens_per_s", "c64_tokens_per_s")
+    }
+    ratios.update(
+        {
+            key: round(results["baseline"][key] / results["current"][key], 2)
+            for key in ("ttft_ms_p50_c16", "ttft_ms_p50_c64")
+        }
+    )
+    print("current / baseline (TTFT: baseline / current)", json.dumps(ratios), flush=True)
+    merge(
+        "http_path",
+        {"baseline_rev": a.baseline_rev, "cpus": os.cpu_count(), **results, "speedup": ratios},
+        path=LATEST.parent / "http_path_cpu.json",
+    )
+
+
+if __name__ == "__main__":
+    main()
