@@ -21,7 +21,15 @@ READ_ONLY_OPTION = "tuneforge_read_only"
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # Deeper than SQLAlchemy's default pool (5 + 10 overflow), under which a burst of concurrent
+        # requests opens overflow connections (each running the pragmas below) and closes them again
+        # on return. Idle SQLite connections cost next to nothing.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=32,
+            max_overflow=32,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
