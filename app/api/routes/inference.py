@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ReadSessionDep, TenantDep
+from app.api.deps import TenantDep
+from app.core.db import get_read_sessionmaker
 from app.core.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
 from app.core.settings import get_settings
 from app.schemas import (
@@ -60,7 +61,6 @@ def _chat_dicts(messages: list[ChatMessage]) -> list[dict]:
 
 async def _submit(
     request: Request,
-    session,
     tenant,
     body: SamplingFields,
     *,
@@ -77,26 +77,23 @@ async def _submit(
 
     engine = _engine(request)
 
-    def resolve():
-        try:
-            return resolve_model(session, get_settings(), tenant, body.model)
-        finally:
-            session.commit()  # end the read transaction before the (long) generation
+    def prepare():
+        with get_read_sessionmaker()() as session, session.begin():
+            resolved = resolve_model(session, get_settings(), tenant, body.model)
+        if resolved.base_model != engine.base_model:
+            raise InvalidRequest(
+                f"The model '{body.model}' is built on {resolved.base_model}, which this server does "
+                f"not serve (it serves {engine.base_model}).",
+                param="model",
+            )
+        if messages is not None:
+            return resolved, engine.encode_chat(_chat_dicts(messages))
+        return resolved, engine.encode_prompt(prompt)
 
-    # Off the event loop: a database round trip per request would stall every stream's writes.
-    resolved = await run_in_threadpool(resolve)
-    if resolved.base_model != engine.base_model:
-        raise InvalidRequest(
-            f"The model '{body.model}' is built on {resolved.base_model}, which this server does "
-            f"not serve (it serves {engine.base_model}).",
-            param="model",
-        )
-    if messages is not None:
-        prompt_ids = await run_in_threadpool(engine.encode_chat, _chat_dicts(messages))
-        prompt_param = "messages"
-    else:
-        prompt_ids = await run_in_threadpool(engine.encode_prompt, prompt)
-        prompt_param = "prompt"
+    # The model lookup and the tokenizing, off the event loop in one worker-thread hop: under load
+    # each hop waits for the GIL behind the engine thread, and it adds up in time to first token.
+    resolved, prompt_ids = await run_in_threadpool(prepare)
+    prompt_param = "prompt" if messages is None else "messages"
     context = engine.context_window
     room = context - len(prompt_ids)
     if room < 1:
@@ -236,9 +233,7 @@ def _check_n(n: int | None) -> None:
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, session: ReadSessionDep, tenant: TenantDep
-):
+async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: TenantDep):
 
     _check_n(body.n)
     max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
@@ -246,7 +241,6 @@ async def chat_completions(
         max_tokens, param = body.max_tokens, "max_tokens"
     stream = await _submit(
         request,
-        session,
         tenant,
         body,
         prompt=None,
@@ -287,7 +281,7 @@ async def chat_completions(
 
 
 @router.post("/v1/completions", response_model=TextCompletion)
-async def completions(body: CompletionRequest, request: Request, session: ReadSessionDep, tenant: TenantDep):
+async def completions(body: CompletionRequest, request: Request, tenant: TenantDep):
 
     _check_n(body.n)
     prompt = body.prompt
@@ -297,7 +291,6 @@ async def completions(body: CompletionRequest, request: Request, session: ReadSe
         prompt = prompt[0]
     stream = await _submit(
         request,
-        session,
         tenant,
         body,
         prompt=prompt,
@@ -327,10 +320,9 @@ async def completions(body: CompletionRequest, request: Request, session: ReadSe
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request, session: ReadSessionDep, tenant: TenantDep):
+async def generate(body: GenerateRequest, request: Request, tenant: TenantDep):
     stream = await _submit(
         request,
-        session,
         tenant,
         body,
         prompt=body.prompt,
