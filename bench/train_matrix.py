@@ -59,25 +59,7 @@ def profile(data, batch_size=128):
     from torch.profiler import profile as prof
 
     pipeline.MICRO_BATCH_TOKENS = 16384
-    config = pipeline.TrainConfig(
-        base_model_dir=Path(CKPT),
-        training_file=Path("-"),
-        training_format="text",
-        validation_file=None,
-        validation_format=None,
-        seed=0,
-        device="cuda",
-        checkpoint_every_steps=10**9,
-        n_epochs=1,
-        batch_size=batch_size,
-        learning_rate=2e-4,
-        lora_r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        target_modules="all-linear",
-        max_seq_length=1024,
-        packing=True,
-    )
+    config = pipeline.bench_config(CKPT, batch_size=batch_size)
     model = pipeline.attach_lora(pipeline.load_base_model(config.base_model_dir, "cuda"), config)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

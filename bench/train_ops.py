@@ -38,30 +38,8 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def config(base_dir: Path, batch_size: int) -> pipeline.TrainConfig:
-    return pipeline.TrainConfig(
-        base_model_dir=base_dir,
-        training_file=Path("-"),
-        training_format="text",
-        validation_file=None,
-        validation_format=None,
-        seed=0,
-        device="cpu",
-        checkpoint_every_steps=10**9,
-        n_epochs=1,
-        batch_size=batch_size,
-        learning_rate=2e-4,
-        lora_r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        target_modules="all-linear",
-        max_seq_length=256,
-        packing=True,
-    )
-
-
 def measure(base_dir: Path, fused: bool, examples: list[Example], steps: int) -> dict:
-    cfg = config(base_dir, len(examples))
+    cfg = pipeline.bench_config(base_dir, device="cpu", batch_size=len(examples), max_seq_length=256)
     model = pipeline.attach_lora(pipeline.load_base_model(base_dir, "cpu"), cfg)
     if not fused:
         for module in model.modules():

@@ -493,18 +493,9 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
     return TrainResult("continue", step, trained_tokens, save_adapter)
 
 
-def bench_train(
-    examples: list[list[int]],
-    base_model_dir: str,
-    *,
-    steps: int,
-    warmup_steps: int = 3,
-    seed: int = 0,
-    **hyperparams,
-) -> dict:
-    """bench/train.py's entry: `steps` steps of the worker's recipe (load_base_model, attach_lora,
-    make_optimizer, train_step, optimizer_step) on token-id lists trained on every token, with the
-    API's default hyperparameters unless given. Times and counts real tokens after warm-up."""
+def bench_config(base_model_dir, seed: int = 0, **hyperparams) -> TrainConfig:
+    """The config the benchmarks train with: the API's default hyperparameters unless given, on
+    CUDA unless `device` is given, no files, no checkpoints."""
     defaults = {
         "batch_size": 16,
         "learning_rate": 2e-4,
@@ -528,6 +519,22 @@ def bench_train(
         **{**defaults, **hyperparams},
     )
     config.check()
+    return config
+
+
+def bench_train(
+    examples: list[list[int]],
+    base_model_dir: str,
+    *,
+    steps: int,
+    warmup_steps: int = 3,
+    seed: int = 0,
+    **hyperparams,
+) -> dict:
+    """bench/train.py's entry: `steps` steps of the worker's recipe (load_base_model, attach_lora,
+    make_optimizer, train_step, optimizer_step) on token-id lists trained on every token, with the
+    API's default hyperparameters unless given. Times and counts real tokens after warm-up."""
+    config = bench_config(base_model_dir, seed, **hyperparams)
     torch.manual_seed(seed)
     data = [Example(ids, list(ids)) for ids in examples]
     model = attach_lora(load_base_model(config.base_model_dir, config.device), config)

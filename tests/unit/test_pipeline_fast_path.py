@@ -142,3 +142,23 @@ def test_fused_lora_forward_matches_peft(base_model_dir, dropout, autocast):
         torch.testing.assert_close(
             fused_grad / plain_grad.abs().max(), plain_grad / plain_grad.abs().max(), **tolerance
         )
+
+
+def test_bench_train_runs_the_worker_recipe_and_counts_tokens(base_model_dir):
+    """The benchmarks' entry (bench/train.py, bench/train_matrix.py) on the CPU: timed steps count
+    the real tokens after warm-up, and the recorded loss falls on a repeated batch."""
+    rnd = random.Random(0)
+    batch = [[rnd.randrange(3, 10_000) for _ in range(30)] for _ in range(2)]
+    result = pipeline.bench_train(
+        batch * 4,
+        str(base_model_dir),
+        steps=4,
+        warmup_steps=1,
+        device="cpu",
+        batch_size=2,
+        max_seq_length=64,
+        learning_rate=1e-2,
+    )
+    assert result["steps"] == 4 and result["tokens"] == 3 * 2 * 30
+    losses = [loss for _, loss in result["loss_trajectory"]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
