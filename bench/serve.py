@@ -290,12 +290,7 @@ def run_server(per_level=64, port=8765, levels=(1, 16, 64), **store):
             c = asyncio.run(_one_client(url, key, m))
             w = asyncio.run(_one_client(url, key, m))
             cold.append(c - w)
-        loads = {
-            m.group(1): float(m.group(2))
-            for m in re.finditer(
-                r"^tuneforge_adapter_load_seconds_(sum|count) (\S+)$", httpx.get(url + "/metrics").text, re.M
-            )
-        }
+        loads = histogram(url, "tuneforge_adapter_load_seconds")
         out = {
             # The loader thread's own time (read + verify + convert + pin), from the server's /metrics.
             "server_loader_ms_mean": round(1000 * loads["sum"] / max(loads["count"], 1), 1),
@@ -304,7 +299,14 @@ def run_server(per_level=64, port=8765, levels=(1, 16, 64), **store):
             "adapter_load_ms_all": [round(c * 1000, 1) for c in cold],
         }
         for conc in levels:
+            before = histogram(url, "tuneforge_time_to_first_token_seconds")
             r = asyncio.run(drive(url, key, models, conc, 16 if conc == 1 else max(per_level, 4 * conc)))
+            after = histogram(url, "tuneforge_time_to_first_token_seconds")
+            # The engine's own submit -> first token, against the client's TTFT: the rest is the
+            # HTTP path (auth, lookup, tokenizing, SSE).
+            r["engine_ttft_ms_mean"] = round(
+                1000 * (after["sum"] - before["sum"]) / max(after["count"] - before["count"], 1), 1
+            )
             out[f"server_c{conc}"] = r
             out[f"c{conc}_tokens_per_s"] = r["tokens_per_s"]
             out[f"ttft_ms_p50_c{conc}"] = round(r["ttft_p50_s"] * 1000, 1)
@@ -324,6 +326,17 @@ def run_server(per_level=64, port=8765, levels=(1, 16, 64), **store):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def histogram(url, name) -> dict:
+    """A Prometheus histogram's sum and count from the server's /metrics, summed over labels."""
+    import httpx
+
+    total = {"sum": 0.0, "count": 0.0}
+    pattern = rf"^{name}_(sum|count)(?:{{[^}}]*}})? (\S+)$"
+    for m in re.finditer(pattern, httpx.get(url + "/metrics").text, re.M):
+        total[m.group(1)] += float(m.group(2))
+    return total
 
 
 async def _one_client(url, key, model):
