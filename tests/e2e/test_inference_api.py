@@ -304,6 +304,21 @@ def test_client_disconnect_mid_stream_frees_its_row_at_once(server):
     )
 
 
+def test_client_disconnect_before_a_plain_answer_cancels_it(server):
+    """A non-streamed request whose client gives up (here: a 1 s read timeout) stops generating
+    too, rather than running its 1,500 tokens for nobody."""
+    cancelled = 'tuneforge_inference_requests_total{model="SmolLM2-135M-Instruct",outcome="cancelled"}'
+    cancelled_before = _metric(server, cancelled)
+    body = {"model": BASE, "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server['url']}/v1/completions", json=body, headers=_headers(server), timeout=1.0)
+    deadline = time.monotonic() + 5
+    while _metric(server, "tuneforge_inference_running") > 0:
+        assert time.monotonic() < deadline, "the abandoned request still holds its batch row"
+        time.sleep(0.1)
+    assert _metric(server, cancelled) == cancelled_before + 1
+
+
 def test_official_openai_client_streaming_and_not(server):
     client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key=server["keys"]["acme"])
     messages = [{"role": "user", "content": PROMPTS[2]}]

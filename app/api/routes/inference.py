@@ -3,6 +3,7 @@
 Handlers validate, resolve the model id (tenant check first) to an adapter version, hand the
 request to the engine on app.state and relay its events; torch stays behind the engine."""
 
+import asyncio
 import json
 import secrets
 import time
@@ -160,15 +161,42 @@ async def _events(stream, model_id: str, first=None) -> AsyncIterator:
         stream.cancel()
 
 
-async def _collect(stream, model_id: str) -> tuple[str, object]:
+class ClientClosedRequest(APIError):
+    """The client went away before a non-streamed answer was ready (nginx's 499): nobody reads
+    this response, but the request metrics count it."""
+
+    status_code = 499
+
+
+async def _collect(request: Request, stream, model_id: str) -> tuple[str, object]:
+    """The whole text and the Completion. If the client goes away first, the request is cancelled
+    in the engine, so its batch row does not run on for nobody."""
     from app.inference.engine import Completion
 
-    text = []
-    async for event in _events(stream, model_id):
-        if isinstance(event, Completion):
-            return "".join(text), event
-        text.append(event.text)
-    raise AssertionError("the engine ended a stream without a Completion")
+    async def collect():
+        text = []
+        async for event in _events(stream, model_id):
+            if isinstance(event, Completion):
+                return "".join(text), event
+            text.append(event.text)
+        raise AssertionError("the engine ended a stream without a Completion")
+
+    async def disconnected():
+        # The body has been read, so the next ASGI message is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collecting, watching = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():
+            stream.cancel()
+            collecting.cancel()
+    if collecting.cancelled():
+        raise ClientClosedRequest("The client closed the connection before the answer was ready.")
+    return collecting.result()
 
 
 async def _first_event(stream, model_id: str):
@@ -251,7 +279,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
     )
     meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
     if not body.stream:
-        text, done = await _collect(stream, body.model)
+        text, done = await _collect(request, stream, body.model)
         return ChatCompletion(
             **meta,
             usage=_usage(done),
@@ -301,7 +329,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: TenantD
     )
     meta = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
     if not body.stream:
-        text, done = await _collect(stream, body.model)
+        text, done = await _collect(request, stream, body.model)
         return TextCompletion(
             **meta,
             usage=_usage(done),
@@ -331,5 +359,5 @@ async def generate(body: GenerateRequest, request: Request, tenant: TenantDep):
         max_tokens_param="max_new_tokens",
         default_max_tokens=DEFAULT_GENERATE_TOKENS,
     )
-    text, done = await _collect(stream, body.model)
+    text, done = await _collect(request, stream, body.model)
     return GenerateResponse(model=body.model, text=text, usage=_usage(done), finish_reason=done.finish_reason)
