@@ -29,10 +29,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         or name in self.lora_variant
     ):
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != lora_A.weight.dtype:
         return type(self).forward(self, x)
+    result = self.base_layer(x)
     hidden = lora_A(self.lora_dropout[name](x))
     out = torch.addmm(
         result.reshape(-1, result.shape[-1]),
