@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from app.core.artifacts import WEIGHTS_FILE
 from worker.errors import InfraError
 from worker.hooks import TrainingHooks, TrainResult
 
@@ -64,7 +65,7 @@ def _write_noop_adapter(directory: Path, job_id: str) -> None:
     seed = int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "little")
     save_file(
         {"noop": np.random.default_rng(seed).random(4, dtype=np.float32)},
-        directory / "adapter_model.safetensors",
+        directory / WEIGHTS_FILE,
     )
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "noop": True}))
 

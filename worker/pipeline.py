@@ -32,11 +32,11 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from app.core.artifacts import WEIGHTS_FILE
 from worker.data import IGNORE_INDEX, Example, collate, epoch_order, load_examples
 from worker.errors import UserError
 from worker.hooks import TrainingHooks, TrainResult
 from worker.lora_forward import use_fused_lora_forward
-from worker.store import ADAPTER_WEIGHTS
 
 LOG_EVERY_STEPS = 5
 WARMUP_FRACTION = 0.03
@@ -219,7 +219,7 @@ def write_training_state(directory: Path, model, optimizer, scheduler, state: di
 
 
 def read_training_state(directory: Path, model, optimizer, scheduler) -> dict:
-    weights = load_file(directory / "adapter" / ADAPTER_WEIGHTS)
+    weights = load_file(directory / "adapter" / WEIGHTS_FILE)
     set_peft_model_state_dict(model, weights)
     trainer_state = json.loads((directory / "state" / "trainer_state.json").read_text())
     slots: dict[int, dict] = {}

@@ -17,8 +17,6 @@ from app.models import Checkpoint, JobEvent, JobStatus, Model, now
 from worker import faults
 from worker.fence import Fence
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.jobs_dir / job_id

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load
 
+from app.core.artifacts import WEIGHTS_FILE
 from app.core.metrics import ADAPTER_LOAD_SECONDS, RESIDENT_ADAPTERS
 from app.inference.lora import AdapterPool, StagedAdapter, Weights, stage_weights
 from app.services.adapter_files import (
@@ -45,7 +46,7 @@ def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:
     if not ref.adapter_dir.is_dir():
         raise AdapterGone("the adapter's files are gone (the model was deleted)")
     # One read: the bytes that are hashed are the bytes that are loaded.
-    data = (ref.adapter_dir / "adapter_model.safetensors").read_bytes()
+    data = (ref.adapter_dir / WEIGHTS_FILE).read_bytes()
     verify_manifest(ref.adapter_dir, ref.version, data)
     specs = check_adapter_dir(ref.adapter_dir, base_dir)
     tensors = load(data)
@@ -62,7 +63,7 @@ def load_adapter_staged(ref: AdapterRef, base_dir: Path, dtype: torch.dtype, pin
     straight from the mapping into the staging buffer; nothing is returned unless it matches."""
     if not ref.adapter_dir.is_dir():
         raise AdapterGone("the adapter's files are gone (the model was deleted)")
-    path = ref.adapter_dir / "adapter_model.safetensors"
+    path = ref.adapter_dir / WEIGHTS_FILE
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     verified = _VERIFIER.submit(verify_manifest, ref.adapter_dir, ref.version, mapped)

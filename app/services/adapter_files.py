@@ -13,11 +13,11 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.core.artifacts import publish_dir, sha256_file, temp_sibling, write_manifest
+from app.core.artifacts import WEIGHTS_FILE, publish_dir, sha256_file, temp_sibling, write_manifest
 from app.core.settings import Settings
 from app.models import Model
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", WEIGHTS_FILE)
 # peft's save_pretrained writes a model card too; it is left behind, never copied.
 IGNORED_FILES = ("README.md",)
 PEFT_PREFIX = "base_model.model."
@@ -105,7 +105,7 @@ def check_adapter_dir(adapter_dir: Path, base_dir: Path) -> dict[str, LoraModule
     ):
         if config.get(key, allowed) not in (allowed, [] if allowed is None else allowed):
             raise AdapterFileError(f"adapter_config.json: {key}={config[key]!r} is not supported")
-    header = read_safetensors_header(adapter_dir / "adapter_model.safetensors")
+    header = read_safetensors_header(adapter_dir / WEIGHTS_FILE)
     base_shapes = base_linear_shapes(base_dir)
     pairs: dict[str, dict[str, list[int]]] = {}
     for name, info in header.items():
@@ -184,7 +184,7 @@ def import_adapter(
     model_id = f"ft:{base_model}:{tenant_name}:{name}"
     if session.get(Model, model_id) is not None:
         raise AdapterFileError(f"the model {model_id} already exists; delete it first")
-    version = sha256_file(source / "adapter_model.safetensors")
+    version = sha256_file(source / WEIGHTS_FILE)
     final = settings.adapters_dir / version
     if not final.exists():
         tmp = temp_sibling(final)

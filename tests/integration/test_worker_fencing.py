@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
+from app.core.artifacts import WEIGHTS_FILE
 from app.core.db import get_engine, session_scope
 from app.models import Checkpoint, JobEvent, Model
 from worker import store
@@ -24,7 +25,7 @@ def sessions(settings):
 
 def noop_adapter(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / store.ADAPTER_WEIGHTS).write_bytes(b"zombie weights")
+    (directory / WEIGHTS_FILE).write_bytes(b"zombie weights")
     (directory / "adapter_config.json").write_text("{}")
 
 
