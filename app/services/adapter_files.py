@@ -141,11 +141,13 @@ def verify_manifest(adapter_dir: Path, version: str, data) -> None:
     except (OSError, ValueError) as exc:
         raise AdapterFileError("the adapter's manifest.json is missing or unreadable") from exc
     blocks = manifest.get("sha256_blocks")
-    if blocks:
-        intact = _blocks_match(memoryview(data), blocks["block_bytes"], blocks["digests"])
-    else:  # a manifest written before block digests existed
-        intact = hashlib.sha256(data).hexdigest() == version
-    if manifest.get("sha256") != version or not intact:
+    # The manifest's own sha256 first: when it is not the version, nothing needs hashing.
+    intact = manifest.get("sha256") == version and (
+        _blocks_match(memoryview(data), blocks["block_bytes"], blocks["digests"])
+        if blocks
+        else hashlib.sha256(data).hexdigest() == version  # a manifest from before block digests
+    )
+    if not intact:
         raise AdapterFileError(
             "adapter_model.safetensors does not match its manifest sha256 (corrupt or truncated)"
         )
