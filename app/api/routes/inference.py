@@ -262,7 +262,6 @@ def _check_n(n: int | None) -> None:
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: TenantDep):
-
     _check_n(body.n)
     max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
@@ -310,7 +309,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
 
 @router.post("/v1/completions", response_model=TextCompletion)
 async def completions(body: CompletionRequest, request: Request, tenant: TenantDep):
-
     _check_n(body.n)
     prompt = body.prompt
     if isinstance(prompt, list):
