@@ -250,7 +250,7 @@ async def drive(url, key, models, concurrency, total):
     )
 
 
-def run_server(per_level=64, port=8765, levels=(1, 16, 64), **store):
+def run_server(per_level=64, port=8765, levels=(1, 16, 64), py_spy=None, **store):
     data_dir = Path(tempfile.mkdtemp(prefix="tf-bench-"))
     env, key, models = setup_store(data_dir, **store)
     env["TUNEFORGE_PORT"] = str(port)
@@ -258,8 +258,11 @@ def run_server(per_level=64, port=8765, levels=(1, 16, 64), **store):
     # The log goes straight to $OUT (if set) so that it survives a killed run; -X faulthandler:
     # SIGABRT on a stuck run dumps every thread's stack into it.
     log_path = Path(os.environ["OUT"]) / "api.log" if os.environ.get("OUT") else data_dir / "api.log"
+    command = [sys.executable, "-X", "faulthandler", "-m", "app.cli", "api"]
+    if py_spy:  # sample the API process's GIL holder throughout (raw stacks, one line each)
+        command = ["py-spy", "record", "--gil", "--threads", "-r", "200", "-f", "raw", "-o", py_spy, "--", *command]
     proc = subprocess.Popen(
-        [sys.executable, "-X", "faulthandler", "-m", "app.cli", "api"],
+        command,
         env=env,
         cwd=env["BENCH_APP_ROOT"],
         stdout=open(log_path, "w"),
@@ -321,7 +324,12 @@ def run_server(per_level=64, port=8765, levels=(1, 16, 64), **store):
             time.sleep(2)
         raise
     finally:
-        proc.terminate()
+        if py_spy:  # stop the API under py-spy, which then writes its profile and exits
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            for pid in children.read_text().split() if children.exists() else []:
+                os.kill(int(pid), 15)
+        else:
+            proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -351,6 +359,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["naive", "server"], default=None)
     ap.add_argument("--requests-per-level", type=int, default=64)
+    ap.add_argument("--py-spy", metavar="PATH", help="record the API process with py-spy into PATH")
     a = ap.parse_args()
     build_checkpoint()
     ensure_tokenizer()
@@ -363,7 +372,7 @@ def main():
     torch.cuda.empty_cache()
     if a.only in (None, "server"):
         try:
-            out.update(run_server(a.requests_per_level))
+            out.update(run_server(a.requests_per_level, py_spy=a.py_spy))
         except Exception as e:  # engine not ready yet: keep the naive half
             out["server_error"] = repr(e)[:500]
         print("server", json.dumps({k: v for k, v in out.items() if not k.startswith("naive")}), flush=True)

@@ -234,6 +234,8 @@ def main():
                 tuneforge_loss_trajectory=t.get("loss_trajectory"),
                 tuneforge_loss_at_tokens=loss_at_tokens(t.get("loss_trajectory") or []),
             )
+            if "seed_tokens_per_s" in out:  # both halves measured in this run
+                out["tuneforge_vs_seed"] = round(out["tuneforge_tokens_per_s"] / out["seed_tokens_per_s"], 1)
     merge("train", out)
 
 

@@ -31,8 +31,8 @@ CONFIGS = [
 
 
 def run(name, hp, budget, kind, steps, data):
-    pipeline.MICRO_BATCH_TOKENS = budget
     original_step, original_forward = pipeline.train_step, pipeline.use_fused_lora_forward
+    original_budget, pipeline.MICRO_BATCH_TOKENS = pipeline.MICRO_BATCH_TOKENS, budget
     if kind == "plain":
         pipeline.train_step = pipeline.plain_step
     if kind in ("plain", "peft_lora"):
@@ -43,6 +43,7 @@ def run(name, hp, budget, kind, steps, data):
         r = pipeline.bench_train(data, CKPT, steps=steps, warmup_steps=WARM, seed=0, **hp)
     finally:
         pipeline.train_step, pipeline.use_fused_lora_forward = original_step, original_forward
+        pipeline.MICRO_BATCH_TOKENS = original_budget
     r.update(
         name=name,
         micro_batch_tokens=budget,
@@ -58,7 +59,6 @@ def profile(data, batch_size=128):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    pipeline.MICRO_BATCH_TOKENS = 16384
     config = pipeline.bench_config(CKPT, batch_size=batch_size)
     model = pipeline.attach_lora(pipeline.load_base_model(config.base_model_dir, "cuda"), config)
     model.train()

@@ -65,11 +65,12 @@ def load_adapter_staged(ref: AdapterRef, base_dir: Path, dtype: torch.dtype, pin
         raise AdapterGone("the adapter's files are gone (the model was deleted)")
     path = ref.adapter_dir / WEIGHTS_FILE
     with open(path, "rb") as f:
+        # Copy-on-write only because torch wants a writable buffer: nothing is written, nothing copied.
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     verified = _VERIFIER.submit(verify_manifest, ref.adapter_dir, ref.version, mapped)
     try:
-        specs = check_adapter_dir(ref.adapter_dir, base_dir)
         header = read_safetensors_header(path)
+        specs = check_adapter_dir(ref.adapter_dir, base_dir, header)
         start = 8 + struct.unpack("<Q", mapped[:8])[0]
 
         def tensor(name: str) -> torch.Tensor:

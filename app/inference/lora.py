@@ -166,7 +166,7 @@ def stage_weights(weights: Weights, dtype: torch.dtype, pin: bool) -> StagedAdap
     parts, offset = {}, 0
     for name, (A, B, scale) in weights.items():
         rank = A.shape[0]
-        flat[offset : offset + A.numel()].view(A.shape).copy_(A.float() * scale)
+        torch.mul(A, scale, out=flat[offset : offset + A.numel()].view(A.shape))
         flat[offset + A.numel() : offset + A.numel() + B.numel()].view(B.shape[1], B.shape[0]).copy_(B.T)
         parts[name] = (rank, offset, offset + A.numel())
         offset += A.numel() + B.numel()

@@ -1,6 +1,7 @@
 """PEFT LoRA adapter directories: checks that need no torch (config, safetensors headers against
 the base model's tensor shapes, manifest hash) and importing one into the artifact store."""
 
+import functools
 import hashlib
 import json
 import math
@@ -63,8 +64,11 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
+@functools.lru_cache(maxsize=16)
 def base_linear_shapes(base_dir: Path) -> dict[str, tuple[int, int]]:
-    """Module name -> (out_features, in_features) of every linear layer inside the decoder layers."""
+    """Module name -> (out_features, in_features) of every linear layer inside the decoder layers.
+    Cached: a base model's files never change under a process that serves or trains on it, and
+    every adapter load checks against them. Callers must not modify the result."""
     index = base_dir / "model.safetensors.index.json"
     files = (
         sorted({base_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -86,8 +90,11 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def check_adapter_dir(adapter_dir: Path, base_dir: Path) -> dict[str, LoraModuleSpec]:
-    """Module name -> rank and scale of a plain LoRA adapter whose tensors fit the base model."""
+def check_adapter_dir(
+    adapter_dir: Path, base_dir: Path, header: dict[str, dict] | None = None
+) -> dict[str, LoraModuleSpec]:
+    """Module name -> rank and scale of a plain LoRA adapter whose tensors fit the base model.
+    `header`: the weights file's safetensors header, if the caller has read it already."""
     for name in ADAPTER_FILES:
         if not (adapter_dir / name).is_file():
             raise AdapterFileError(f"the adapter directory has no {name}")
@@ -105,7 +112,8 @@ def check_adapter_dir(adapter_dir: Path, base_dir: Path) -> dict[str, LoraModule
     ):
         if config.get(key, allowed) not in (allowed, [] if allowed is None else allowed):
             raise AdapterFileError(f"adapter_config.json: {key}={config[key]!r} is not supported")
-    header = read_safetensors_header(adapter_dir / WEIGHTS_FILE)
+    if header is None:
+        header = read_safetensors_header(adapter_dir / WEIGHTS_FILE)
     base_shapes = base_linear_shapes(base_dir)
     pairs: dict[str, dict[str, list[int]]] = {}
     for name, info in header.items():

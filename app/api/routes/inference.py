@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import TenantDep
+from app.api.deps import ApiKeyDep, lookup_tenant
 from app.core.db import get_read_sessionmaker
 from app.core.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
 from app.core.settings import get_settings
@@ -62,7 +62,7 @@ def _chat_dicts(messages: list[ChatMessage]) -> list[dict]:
 
 async def _submit(
     request: Request,
-    tenant,
+    api_key: str,
     body: SamplingFields,
     *,
     prompt: str | None,
@@ -80,7 +80,7 @@ async def _submit(
 
     def prepare():
         with get_read_sessionmaker()() as session, session.begin():
-            resolved = resolve_model(session, get_settings(), tenant, body.model)
+            resolved = resolve_model(session, get_settings(), lookup_tenant(session, api_key), body.model)
         if resolved.base_model != engine.base_model:
             raise InvalidRequest(
                 f"The model '{body.model}' is built on {resolved.base_model}, which this server does "
@@ -91,8 +91,9 @@ async def _submit(
             return resolved, engine.encode_chat(_chat_dicts(messages))
         return resolved, engine.encode_prompt(prompt)
 
-    # The model lookup and the tokenizing, off the event loop in one worker-thread hop: under load
-    # each hop waits for the GIL behind the engine thread, and it adds up in time to first token.
+    # The key and model lookups and the tokenizing, off the event loop in one worker-thread hop:
+    # under load each hop waits for the GIL behind the engine thread, and it adds up in time to
+    # first token. (So a bad key with an invalid body gets the body's 422; a missing key, 401.)
     resolved, prompt_ids = await run_in_threadpool(prepare)
     prompt_param = "prompt" if messages is None else "messages"
     context = engine.context_window
@@ -261,14 +262,14 @@ def _check_n(n: int | None) -> None:
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: TenantDep):
+async def chat_completions(body: ChatCompletionRequest, request: Request, api_key: ApiKeyDep):
     _check_n(body.n)
     max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
         max_tokens, param = body.max_tokens, "max_tokens"
     stream = await _submit(
         request,
-        tenant,
+        api_key,
         body,
         prompt=None,
         messages=body.messages,
@@ -308,7 +309,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
 
 
 @router.post("/v1/completions", response_model=TextCompletion)
-async def completions(body: CompletionRequest, request: Request, tenant: TenantDep):
+async def completions(body: CompletionRequest, request: Request, api_key: ApiKeyDep):
     _check_n(body.n)
     prompt = body.prompt
     if isinstance(prompt, list):
@@ -317,7 +318,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: TenantD
         prompt = prompt[0]
     stream = await _submit(
         request,
-        tenant,
+        api_key,
         body,
         prompt=prompt,
         messages=None,
@@ -346,10 +347,10 @@ async def completions(body: CompletionRequest, request: Request, tenant: TenantD
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request, tenant: TenantDep):
+async def generate(body: GenerateRequest, request: Request, api_key: ApiKeyDep):
     stream = await _submit(
         request,
-        tenant,
+        api_key,
         body,
         prompt=body.prompt,
         messages=body.messages,
