@@ -19,6 +19,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -d .whl "${SPECS[@]}"
+# Not a project dependency: bench/serve.py --py-spy profiles the API process with it on the device.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux1_x86_64 \
+  -d .whl py-spy==0.4.1
 du -sh .whl
 # Slim bitsandbytes: keep only the CUDA 13.x (device: torch cu130) and CPU libraries; the full wheel is ~43 MiB
 # and would blow the device tool's 64 MiB carry limit. RECORD is rewritten to match.

@@ -73,7 +73,9 @@ def main():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).cuda().eval()
         pool = AdapterPool(model, len(refs) + 1, torch.device("cuda"), rank=16)
         slots = {ref.version: i + 1 for i, ref in enumerate(refs)}
-        out["pool_write_ms"] = median_ms(lambda ref: pool.write(slots[ref.version], staged[ref.version]), refs)
+        out["pool_write_ms"] = median_ms(
+            lambda ref: pool.write(slots[ref.version], staged[ref.version]), refs
+        )
         pageable = {ref.version: stage_weights(weights[ref.version], dtype, False) for ref in refs}
         out["pool_write_pageable_ms"] = median_ms(
             lambda ref: pool.write(slots[ref.version], pageable[ref.version]), refs

@@ -260,7 +260,20 @@ def run_server(per_level=64, port=8765, levels=(1, 16, 64), py_spy=None, **store
     log_path = Path(os.environ["OUT"]) / "api.log" if os.environ.get("OUT") else data_dir / "api.log"
     command = [sys.executable, "-X", "faulthandler", "-m", "app.cli", "api"]
     if py_spy:  # sample the API process's GIL holder throughout (raw stacks, one line each)
-        command = ["py-spy", "record", "--gil", "--threads", "-r", "200", "-f", "raw", "-o", py_spy, "--", *command]
+        command = [
+            "py-spy",
+            "record",
+            "--gil",
+            "--threads",
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "-o",
+            py_spy,
+            "--",
+            *command,
+        ]
     proc = subprocess.Popen(
         command,
         env=env,

@@ -220,6 +220,38 @@ def test_unknown_and_other_tenants_models_are_404(server, model, tenant):
     assert httpx.post(f"{server['url']}/generate", json={"model": BASE, "prompt": "hi"}).status_code == 401
 
 
+def test_bad_and_revoked_keys_get_401_on_inference_routes(server):
+    """The key is looked up with the model, in the same worker-thread hop: a wrong key is still
+    refused before any model lookup or generation, and a revoked one on the very next request."""
+    key = create_test_key(server["settings"], "initech")
+    requests = (
+        ("/v1/chat/completions", chat_body(BASE, "hi", max_tokens=1)),
+        ("/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 1}),
+        ("/generate", {"model": "no-such-model", "prompt": "hi", "max_new_tokens": 1}),
+    )
+    for path, body in requests:
+        bad = httpx.post(f"{server['url']}{path}", json=body, headers={"Authorization": "Bearer tf-wrong"})
+        assert bad.status_code == 401, bad.text
+        assert bad.json()["error"]["type"] == "authentication_error"
+    headers = {"Authorization": f"Bearer {key}"}
+    assert (
+        httpx.post(
+            f"{server['url']}{requests[1][0]}", json=requests[1][1], headers=headers, timeout=60
+        ).status_code
+        == 200
+    )
+    listing = tuneforge("keys", "list", "--tenant", "initech", env=server["env"]).stdout
+    tuneforge(
+        "keys",
+        "revoke",
+        next(line.split("\t")[0] for line in listing.splitlines() if key[:10] in line),
+        env=server["env"],
+    )
+    for path, body in requests:
+        revoked = httpx.post(f"{server['url']}{path}", json=body, headers=headers)
+        assert revoked.status_code == 401 and "revoked" in revoked.json()["error"]["message"]
+
+
 def test_corrupt_adapter_is_refused_and_disturbs_nothing(server):
     before = chat_text(server, A1, PROMPTS[1])
     for stream in (False, True):
