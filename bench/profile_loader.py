@@ -10,6 +10,7 @@ import json
 import mmap
 import shutil
 import statistics
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -18,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.core.artifacts import WEIGHTS_FILE
-from app.inference.adapters import load_adapter_staged, load_adapter_weights
-from app.inference.lora import AdapterPool, stage_weights
+from app.inference.adapters import StagingBuffers, load_adapter_staged
+from app.inference.lora import AdapterPool
 from app.services.adapter_files import check_adapter_dir, verify_manifest
 from bench.profile_engine import make_adapter
 from bench.train import CKPT, build_checkpoint
@@ -43,31 +44,40 @@ def main():
     refs = [make_adapter(root, base, seed) for seed in range(8)]
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    load_adapter_staged(refs[0], base, dtype, cuda)  # thread pools, CUDA host allocator, caches
+    buffers = StagingBuffers(dtype, pin=cuda)
+    numel = load_adapter_staged(refs[0], base, buffers).flat.numel()  # pools, host allocator, caches
 
-    def verify(ref):
+    def mapped(ref):
         with open(ref.adapter_dir / WEIGHTS_FILE, "rb") as f:
-            verify_manifest(ref.adapter_dir, ref.version, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
-    weights = {ref.version: load_adapter_weights(ref, base) for ref in refs}
+    def convert(ref):  # the loader's bulk conversion, into a buffer made ready beforehand
+        data = mapped(ref)
+        start = 8 + struct.unpack("<Q", data[:8])[0]
+        source = torch.frombuffer(data, dtype=torch.float32, count=numel, offset=start)
+        ready[ref.version].copy_(source)
+
+    ready = {ref.version: buffers.take(numel) for ref in refs}
     out = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "adapter_mb": round((refs[0].adapter_dir / WEIGHTS_FILE).stat().st_size / 2**20, 1),
-        "verify_ms": median_ms(verify, refs),
+        "torch_threads": torch.get_num_threads(),
+        "verify_ms": median_ms(lambda ref: verify_manifest(ref.adapter_dir, ref.version, mapped(ref)), refs),
         "check_adapter_dir_ms": median_ms(lambda ref: check_adapter_dir(ref.adapter_dir, base), refs),
-        "stage_pageable_ms": median_ms(lambda ref: stage_weights(weights[ref.version], dtype, False), refs),
+        "convert_ms": median_ms(convert, refs),
     }
-    if cuda:
-        out["stage_pinned_ms"] = median_ms(lambda ref: stage_weights(weights[ref.version], dtype, True), refs)
-        size = sum(a.numel() + b.numel() for a, b, _ in weights[refs[0].version].values())
-        kept = []  # a server keeps its staged adapters (CPU tier): each load allocates anew
-        out["pinned_alloc_ms"] = median_ms(
-            lambda ref: kept.append(torch.empty(size, dtype=dtype, pin_memory=True)), refs
-        )
-        del kept
+    kept = []  # a server keeps its staged adapters (CPU tier): each buffer is a new allocation
+    out["staging_buffer_alloc_ms"] = median_ms(lambda ref: kept.append(buffers.take(numel)), refs)
+
+    def load(ref):  # as the loader thread runs it: a buffer made ready after the previous load
+        staged[ref.version] = load_adapter_staged(ref, base, buffers)
+        buffers.prepare(numel)
+
     staged = {}
-    out["load_adapter_staged_ms"] = median_ms(
-        lambda ref: staged.__setitem__(ref.version, load_adapter_staged(ref, base, dtype, cuda)), refs
+    buffers.prepare(numel)
+    out["load_adapter_staged_ms"] = median_ms(load, refs)
+    out["load_adapter_staged_fresh_buffer_ms"] = median_ms(
+        lambda ref: load_adapter_staged(ref, base, StagingBuffers(dtype, pin=cuda)), refs
     )
     if cuda:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).cuda().eval()
@@ -75,10 +85,6 @@ def main():
         slots = {ref.version: i + 1 for i, ref in enumerate(refs)}
         out["pool_write_ms"] = median_ms(
             lambda ref: pool.write(slots[ref.version], staged[ref.version]), refs
-        )
-        pageable = {ref.version: stage_weights(weights[ref.version], dtype, False) for ref in refs}
-        out["pool_write_pageable_ms"] = median_ms(
-            lambda ref: pool.write(slots[ref.version], pageable[ref.version]), refs
         )
     shutil.rmtree(root, ignore_errors=True)
     print("loader", json.dumps(out), flush=True)

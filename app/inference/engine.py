@@ -165,7 +165,7 @@ class Engine:
         # that wait small next to a decode step (0.25 ms measured worse: more time lost switching).
         sys.setswitchinterval(0.001)
         self._load_model()
-        self.loader.start()
+        self.loader.start(expected_numel=self.tiers.pool.staged_numel(self.tiers.pool.rank))
         self._thread.start()
         self.ready = True
 

@@ -124,50 +124,70 @@ class AdapterPool:
 
     def write(self, slot: int, adapter: "StagedAdapter | Weights") -> None:
         """Put one adapter into `slot`; other slots are untouched. A StagedAdapter in pinned host
-        memory goes over in one asynchronous copy, then into the layers in one batched copy."""
+        memory goes over in one asynchronous copy; on the device each A is scaled and each B
+        transposed into the slot (a few hundred tiny kernels, well under a millisecond)."""
         if not isinstance(adapter, StagedAdapter):
-            adapter = stage_weights(adapter, self.rows.dtype, pin=False)
+            adapter = stage_weights(adapter, self.rows.dtype)
         self.grow_rank(adapter.rank)
         flat = adapter.flat.to(self.rows.device, non_blocking=True)
-        targets, sources, zero = [], [], []
+        targets, sources, zero, scaled, scales = [], [], [], [], []
         for name, layer in self.layers.items():
             part = adapter.parts.get(name)
             if part is None:
                 zero += [layer.lora_A[slot], layer.lora_BT[slot]]
                 continue
-            rank, a_at, b_at = part
-            a_len, b_len = rank * layer.base.in_features, rank * layer.base.out_features
-            targets += [layer.lora_A[slot, :rank], layer.lora_BT[slot, :rank]]
-            sources += [flat[a_at : a_at + a_len].view(rank, -1), flat[b_at : b_at + b_len].view(rank, -1)]
-            if rank < self.rank:
-                zero += [layer.lora_A[slot, rank:], layer.lora_BT[slot, rank:]]
+            in_features, out_features = layer.base.in_features, layer.base.out_features
+            A = flat[part.a_at : part.a_at + part.rank * in_features].view(part.rank, in_features)
+            B = flat[part.b_at : part.b_at + out_features * part.rank].view(out_features, part.rank)
+            targets += [layer.lora_A[slot, : part.rank], layer.lora_BT[slot, : part.rank]]
+            sources += [A, B.T]
+            scaled.append(layer.lora_A[slot, : part.rank])
+            scales.append(part.scale)
+            if part.rank < self.rank:
+                zero += [layer.lora_A[slot, part.rank :], layer.lora_BT[slot, part.rank :]]
         if zero:
             torch._foreach_zero_(zero)
         torch._foreach_copy_(targets, sources)
+        torch._foreach_mul_(scaled, scales)
+
+    def staged_numel(self, rank: int) -> int:
+        """Elements of a staged adapter of `rank` on every wrapped layer (what a loader can
+        allocate before it has seen one)."""
+        return sum(
+            rank * (layer.base.in_features + layer.base.out_features) for layer in self.layers.values()
+        )
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear(slot)
 
 
+@dataclass(frozen=True)
+class StagedPart:
+    rank: int
+    a_at: int  # offset of A, (rank, in), in the flat buffer
+    b_at: int  # offset of B, (out, rank), as stored: the pool transposes it on the device
+    scale: float
+
+
 @dataclass
 class StagedAdapter:
-    """One adapter ready for a pool slot: every layer's A (scale folded in, (rank, in)) and B^T
-    ((rank, out)) in one host buffer of the pool's dtype (pinned on CUDA)."""
+    """One adapter ready for a pool slot: every layer's A and B as the file stores them, in one
+    host buffer of the pool's dtype (pinned on CUDA). Scaling and transposing are left to the
+    device, so that staging a file is one bulk dtype conversion."""
 
     flat: torch.Tensor
-    parts: dict[str, tuple[int, int, int]]  # module name -> (rank, offset of A, offset of B^T)
+    parts: dict[str, StagedPart]  # module name -> where its tensors lie
     rank: int
 
 
-def stage_weights(weights: Weights, dtype: torch.dtype, pin: bool) -> StagedAdapter:
-    total = sum(A.numel() + B.numel() for A, B, _ in weights.values())
-    flat = torch.empty(total, dtype=dtype, pin_memory=pin)
+def stage_weights(weights: Weights, dtype: torch.dtype) -> StagedAdapter:
+    """(A, B, scale) per module, packed into one buffer."""
+    flat = torch.empty(sum(A.numel() + B.numel() for A, B, _ in weights.values()), dtype=dtype)
     parts, offset = {}, 0
     for name, (A, B, scale) in weights.items():
-        rank = A.shape[0]
-        torch.mul(A, scale, out=flat[offset : offset + A.numel()].view(A.shape))
-        flat[offset + A.numel() : offset + A.numel() + B.numel()].view(B.shape[1], B.shape[0]).copy_(B.T)
-        parts[name] = (rank, offset, offset + A.numel())
+        flat[offset : offset + A.numel()].view(A.shape).copy_(A)
+        flat[offset + A.numel() : offset + A.numel() + B.numel()].view(B.shape).copy_(B)
+        parts[name] = StagedPart(A.shape[0], offset, offset + A.numel(), scale)
         offset += A.numel() + B.numel()
-    return StagedAdapter(flat, parts, max((p[0] for p in parts.values()), default=0))
+    return StagedAdapter(flat, parts, max((p.rank for p in parts.values()), default=0))

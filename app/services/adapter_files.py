@@ -23,6 +23,7 @@ ADAPTER_FILES = ("adapter_config.json", WEIGHTS_FILE)
 IGNORED_FILES = ("README.md",)
 PEFT_PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+SERVED_DTYPES = ("F32", "BF16", "F16")  # safetensors names of the weight dtypes a server loads
 # Verifies the blocks of a weights file in parallel: hashlib releases the GIL while it hashes.
 _BLOCK_HASHERS = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="adapter-hash")
 
@@ -137,6 +138,12 @@ def check_adapter_dir(
         specs[module] = LoraModuleSpec(rank=rank, scale=alpha / divisor)
     if not specs:
         raise AdapterFileError("adapter_model.safetensors holds no LoRA tensors")
+    dtypes = sorted({info["dtype"] for info in header.values()})
+    if len(dtypes) > 1 or dtypes[0] not in SERVED_DTYPES:
+        raise AdapterFileError(
+            f"adapter_model.safetensors holds {'/'.join(dtypes)} tensors; save all LoRA tensors in "
+            f"one of {', '.join(SERVED_DTYPES)}"
+        )
     return specs
 
 

@@ -76,6 +76,14 @@ def _broken(tmp_path, peft_saved_adapter, base_model_dir, how):
         name = next(n for n in tensors if n.endswith("lora_A.weight"))
         tensors[name] = torch.zeros(4, 123)
         save_file(tensors, weights)
+    elif how == "mixed-dtypes":
+        weights = directory / "adapter_model.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        name = next(n for n in tensors if n.endswith("lora_B.weight"))
+        tensors[name] = tensors[name].to(torch.bfloat16)
+        save_file(tensors, weights)
     elif how == "truncated":
         weights = directory / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-100])
@@ -96,6 +104,7 @@ def _broken(tmp_path, peft_saved_adapter, base_model_dir, how):
     [
         ("extra-file", "unexpected files"),
         ("wrong-shapes", "do not fit the base"),
+        ("mixed-dtypes", "holds BF16/F32 tensors; save all LoRA tensors in one of F32, BF16, F16"),
         ("truncated", "truncated"),
         ("other-base", "trained on TinyLlama"),
         ("dora", "use_dora"),
