@@ -175,7 +175,7 @@ def main() -> None:
     # The loader's phases for one adapter (page cache warm, as for any recently written file).
     import hashlib
 
-    from app.inference.adapters import StagingBuffers, load_adapter_staged
+    from app.inference.adapters import load_adapter_staged
 
     phases = {"sha256_alone": [], "load_adapter_staged": []}
     for ref in cold:
@@ -184,7 +184,7 @@ def main() -> None:
         data = path.read_bytes()
         hashlib.sha256(data).hexdigest()
         t1 = time.perf_counter()
-        load_adapter_staged(ref, base_dir, StagingBuffers(torch.bfloat16, pin=True))
+        load_adapter_staged(ref, base_dir, torch.bfloat16, pin=True)
         t2 = time.perf_counter()
         phases["sha256_alone"].append(round(1000 * (t1 - t0), 2))
         phases["load_adapter_staged"].append(round(1000 * (t2 - t1), 2))

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.core.artifacts import WEIGHTS_FILE
-from app.inference.adapters import StagingBuffers, load_adapter_staged
+from app.inference.adapters import load_adapter_staged, reserve_pinned_memory
 from app.inference.lora import AdapterPool
 from app.services.adapter_files import check_adapter_dir, verify_manifest
 from bench.profile_engine import make_adapter
@@ -44,40 +44,40 @@ def main():
     refs = [make_adapter(root, base, seed) for seed in range(8)]
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    buffers = StagingBuffers(dtype, pin=cuda)
-    numel = load_adapter_staged(refs[0], base, buffers).flat.numel()  # pools, host allocator, caches
+    numel = load_adapter_staged(refs[0], base, dtype, cuda).flat.numel()  # pools, allocator, caches
 
     def mapped(ref):
         with open(ref.adapter_dir / WEIGHTS_FILE, "rb") as f:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
-    def convert(ref):  # the loader's bulk conversion, into a buffer made ready beforehand
+    def convert(ref):  # the loader's bulk conversion, into a buffer allocated beforehand
         data = mapped(ref)
         start = 8 + struct.unpack("<Q", data[:8])[0]
-        source = torch.frombuffer(data, dtype=torch.float32, count=numel, offset=start)
-        ready[ref.version].copy_(source)
+        ready[ref.version].copy_(torch.frombuffer(data, dtype=torch.float32, count=numel, offset=start))
 
-    ready = {ref.version: buffers.take(numel) for ref in refs}
+    kept = []  # a server keeps its staged adapters (CPU tier): each buffer is a new allocation
     out = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "adapter_mb": round((refs[0].adapter_dir / WEIGHTS_FILE).stat().st_size / 2**20, 1),
         "torch_threads": torch.get_num_threads(),
         "verify_ms": median_ms(lambda ref: verify_manifest(ref.adapter_dir, ref.version, mapped(ref)), refs),
         "check_adapter_dir_ms": median_ms(lambda ref: check_adapter_dir(ref.adapter_dir, base), refs),
-        "convert_ms": median_ms(convert, refs),
+        "staging_buffer_fresh_ms": median_ms(
+            lambda ref: kept.append(torch.empty(numel, dtype=dtype, pin_memory=cuda)), refs
+        ),
     }
-    kept = []  # a server keeps its staged adapters (CPU tier): each buffer is a new allocation
-    out["staging_buffer_alloc_ms"] = median_ms(lambda ref: kept.append(buffers.take(numel)), refs)
-
-    def load(ref):  # as the loader thread runs it: a buffer made ready after the previous load
-        staged[ref.version] = load_adapter_staged(ref, base, buffers)
-        buffers.prepare(numel)
-
+    ready = {ref.version: kept.pop() for ref in refs}
+    out["convert_ms"] = median_ms(convert, refs)
+    if cuda:
+        reserve_pinned_memory(numel, len(refs) + 1, dtype)  # as the engine does at start
+        out["staging_buffer_reserved_ms"] = median_ms(
+            lambda ref: kept.append(torch.empty(numel, dtype=dtype, pin_memory=True)), refs
+        )
+        kept.clear()
+        reserve_pinned_memory(numel, len(refs) + 1, dtype)
     staged = {}
-    buffers.prepare(numel)
-    out["load_adapter_staged_ms"] = median_ms(load, refs)
-    out["load_adapter_staged_fresh_buffer_ms"] = median_ms(
-        lambda ref: load_adapter_staged(ref, base, StagingBuffers(dtype, pin=cuda)), refs
+    out["load_adapter_staged_ms"] = median_ms(
+        lambda ref: staged.__setitem__(ref.version, load_adapter_staged(ref, base, dtype, cuda)), refs
     )
     if cuda:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).cuda().eval()

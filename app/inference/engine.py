@@ -33,7 +33,7 @@ from app.core.metrics import (
     TOKENS_GENERATED,
 )
 from app.core.settings import Settings
-from app.inference.adapters import AdapterLoader, AdapterRef, AdapterTiers
+from app.inference.adapters import AdapterLoader, AdapterRef, AdapterTiers, reserve_pinned_memory
 from app.inference.base_models import resolve_base_model
 from app.inference.decoder import PREFILL_TOKENS, BatchDecoder
 from app.inference.lora import AdapterPool
@@ -165,7 +165,7 @@ class Engine:
         # that wait small next to a decode step (0.25 ms measured worse: more time lost switching).
         sys.setswitchinterval(0.001)
         self._load_model()
-        self.loader.start(expected_numel=self.tiers.pool.staged_numel(self.tiers.pool.rank))
+        self.loader.start()
         self._thread.start()
         self.ready = True
 
@@ -220,6 +220,12 @@ class Engine:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
         if self.device.type == "cuda":
+            # The CPU tier's staging memory, pinned now (for adapters of the pool's rank on every
+            # layer, the trainer's default), not while requests wait and run; one more for a load
+            # in flight while the tier is full.
+            reserve_pinned_memory(
+                pool.staged_numel(pool.rank), self.settings.cpu_adapter_cache + 1, self.dtype
+            )
             # Read when /metrics is scraped: reading it every step cost a third of the engine
             # thread's time holding the GIL (torch builds the allocator's whole stats dict).
             GPU_MEMORY_BYTES.set_function(lambda: torch.cuda.memory_allocated(self.device))

@@ -10,6 +10,7 @@ adapters are in the batch (so a decode step can be captured once as a CUDA graph
 and a row of slot 0 (the base model) gets an exact zero delta. Adapters of smaller rank are
 zero-padded up to the pool's rank, which grows (for every layer together) when needed."""
 
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -124,31 +125,45 @@ class AdapterPool:
 
     def write(self, slot: int, adapter: "StagedAdapter | Weights") -> None:
         """Put one adapter into `slot`; other slots are untouched. A StagedAdapter in pinned host
-        memory goes over in one asynchronous copy; on the device each A is scaled and each B
-        transposed into the slot (a few hundred tiny kernels, well under a millisecond)."""
+        memory goes over in one asynchronous copy; on the device the B matrices are transposed
+        in one batch per shape and everything lands in the slot in one batched copy, then the
+        A matrices are scaled in place (a handful of kernels in all)."""
         if not isinstance(adapter, StagedAdapter):
             adapter = stage_weights(adapter, self.rows.dtype)
         self.grow_rank(adapter.rank)
         flat = adapter.flat.to(self.rows.device, non_blocking=True)
-        targets, sources, zero, scaled, scales = [], [], [], [], []
+        targets, sources, zero, scales = [], [], [], []
+        b_by_shape = defaultdict(list)  # (out, rank) -> [(target, B as stored)]
         for name, layer in self.layers.items():
             part = adapter.parts.get(name)
             if part is None:
                 zero += [layer.lora_A[slot], layer.lora_BT[slot]]
                 continue
             in_features, out_features = layer.base.in_features, layer.base.out_features
-            A = flat[part.a_at : part.a_at + part.rank * in_features].view(part.rank, in_features)
-            B = flat[part.b_at : part.b_at + out_features * part.rank].view(out_features, part.rank)
-            targets += [layer.lora_A[slot, : part.rank], layer.lora_BT[slot, : part.rank]]
-            sources += [A, B.T]
-            scaled.append(layer.lora_A[slot, : part.rank])
+            targets.append(layer.lora_A[slot, : part.rank])
+            sources.append(flat[part.a_at : part.a_at + part.rank * in_features].view(part.rank, in_features))
             scales.append(part.scale)
+            B = flat[part.b_at : part.b_at + out_features * part.rank].view(out_features, part.rank)
+            b_by_shape[B.shape].append((layer.lora_BT[slot, : part.rank], B))
             if part.rank < self.rank:
                 zero += [layer.lora_A[slot, part.rank :], layer.lora_BT[slot, part.rank :]]
+        scaled = list(targets)
+        for pairs in b_by_shape.values():
+            transposed = torch.stack([B for _, B in pairs]).transpose(1, 2).contiguous()
+            targets += [target for target, _ in pairs]
+            sources += transposed.unbind()
         if zero:
             torch._foreach_zero_(zero)
         torch._foreach_copy_(targets, sources)
         torch._foreach_mul_(scaled, scales)
+
+    def warm_up(self) -> None:
+        """Write a zero adapter into slot 1 and clear it: the first real load then finds the copy,
+        transpose and scale kernels loaded (CUDA loads kernels on first use)."""
+        self.write(
+            1, {name: (layer.lora_A[0], layer.lora_BT[0].T, 1.0) for name, layer in self.layers.items()}
+        )
+        self.clear(1)
 
     def staged_numel(self, rank: int) -> int:
         """Elements of a staged adapter of `rank` on every wrapped layer (what a loader can

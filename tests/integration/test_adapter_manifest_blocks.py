@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from app.core.artifacts import BLOCK_BYTES, sha256_file, write_manifest
 from app.core.db import session_scope
 from app.core.settings import EMBEDDED_BASE_MODEL
-from app.inference.adapters import AdapterRef, StagingBuffers, load_adapter_staged, load_adapter_weights
+from app.inference.adapters import AdapterRef, load_adapter_staged, load_adapter_weights
 from app.services.adapter_files import AdapterFileError, import_adapter
 from app.services.keys import get_or_create_tenant
 from tests.inference_support import write_peft_adapter
@@ -24,7 +24,7 @@ MISMATCH = "does not match its manifest"
 def load_both(ref: AdapterRef, base_dir):
     """Both load paths; each returns only verified weights."""
     weights = load_adapter_weights(ref, base_dir)
-    staged = load_adapter_staged(ref, base_dir, StagingBuffers(torch.float32, pin=False))
+    staged = load_adapter_staged(ref, base_dir, torch.float32, pin=False)
     for module, (A, B, scale) in weights.items():  # the same tensors, where the pool will read them
         part = staged.parts[module]
         assert (part.rank, part.scale) == (A.shape[0], scale)
@@ -37,7 +37,7 @@ def refused_by_both(ref: AdapterRef, base_dir) -> None:
     with pytest.raises(AdapterFileError, match=MISMATCH):
         load_adapter_weights(ref, base_dir)
     with pytest.raises(AdapterFileError, match=MISMATCH):
-        load_adapter_staged(ref, base_dir, StagingBuffers(torch.float32, pin=False))
+        load_adapter_staged(ref, base_dir, torch.float32, pin=False)
 
 
 @pytest.fixture
