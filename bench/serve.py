@@ -6,7 +6,8 @@ Both halves use a TinyLlama-1.1B-shaped model with random weights (bench/train.p
   naive:  one request at a time, PeftModel + set_adapter per request (as shared/bench/infer_baseline.py).
   server: adapters imported into a temp data dir with `tuneforge models import`, a key from
           `tuneforge keys create`, the real server (`tuneforge api`) driven by concurrent streaming (SSE)
-          httpx clients at concurrency 1, 16, 64: aggregate generated tok/s, TTFT p50/p99, cold-load p50.
+          httpx clients (4 streams per client process, bench/_clients.py) at concurrency 1, 16, 64:
+          aggregate generated tok/s, TTFT p50/p99, cold-load p50.
 Results merged into docs/benchmarks/latest.json under "serve".
 """
 
@@ -25,16 +26,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._clients import NEW, PROMPT_LEN, drive, one, pct  # noqa: E402
 from bench._results import merge  # noqa: E402
 from bench.train import CKPT, build_checkpoint  # noqa: E402
 
-N_AD, NEW, PROMPT_LEN = 8, 64, 48
+N_AD = 8
 AD_ROOT = Path(os.environ.get("BENCH_ADAPTERS", "/tmp/bench-adapters"))
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
 
 
 def ensure_tokenizer(path=CKPT, vocab_size=32000):
@@ -187,69 +184,6 @@ def setup_store(data_dir: Path, ckpt=CKPT, adapters=AD_ROOT, device="cuda", app_
     return env, key, models
 
 
-async def _one(client, url, key, model, prompt_ids):
-    import httpx  # noqa: F401
-
-    body = {
-        "model": model,
-        "prompt": prompt_ids,
-        "max_tokens": NEW,
-        "stream": True,
-        "temperature": 0,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    ttft = None
-    n = 0
-    async with client.stream(
-        "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}
-    ) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if chunk.get("usage"):  # the last chunk: exact token count
-                n = chunk["usage"]["completion_tokens"]
-                continue
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-    return ttft, n, time.perf_counter() - t0
-
-
-async def drive(url, key, models, concurrency, total):
-    import random
-
-    import httpx
-
-    rnd = random.Random(concurrency)
-    prompt = " ".join(str(rnd.randrange(100, 999)) for _ in range(PROMPT_LEN))  # ~48+ tokens of text
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
-
-        async def job(k):
-            async with sem:
-                return await _one(c, url, key, models[k % len(models)], prompt)
-
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        res = await asyncio.gather(*(job(k) for k in range(total)))
-        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    ttfts = [r[0] for r in res if r[0] is not None]
-    toks = sum(r[1] for r in res)  # SSE chunks ~ tokens; prefer usage if the server reports it
-    return dict(
-        tokens_per_s=round(toks / dt, 2),
-        ttft_p50_s=round(pct(ttfts, 50), 4),
-        ttft_p99_s=round(pct(ttfts, 99), 4),
-        requests=total,
-        chunks=toks,
-        # The client's own CPU share (one process): near 1.0 would mean the client is the bottleneck.
-        client_cpu_share=round(cpu / dt, 3),
-    )
-
-
 def run_server(per_level=64, port=8765, levels=(1, 16, 64), py_spy=None, **store):
     data_dir = Path(tempfile.mkdtemp(prefix="tf-bench-"))
     env, key, models = setup_store(data_dir, **store)
@@ -316,7 +250,7 @@ def run_server(per_level=64, port=8765, levels=(1, 16, 64), py_spy=None, **store
         }
         for conc in levels:
             before = histogram(url, "tuneforge_time_to_first_token_seconds")
-            r = asyncio.run(drive(url, key, models, conc, 16 if conc == 1 else max(per_level, 4 * conc)))
+            r = drive(url, key, models, conc, 16 if conc == 1 else max(per_level, 4 * conc))
             after = histogram(url, "tuneforge_time_to_first_token_seconds")
             # The engine's own submit -> first token, against the client's TTFT: the rest is the
             # HTTP path (auth, lookup, tokenizing, SSE).
@@ -364,7 +298,7 @@ async def _one_client(url, key, model):
     import httpx
 
     async with httpx.AsyncClient(timeout=60) as c:
-        ttft, _, _ = await _one(c, url, key, model, " ".join(["7"] * PROMPT_LEN))
+        ttft, _, _ = await one(c, url, key, model, " ".join(["7"] * PROMPT_LEN))
     return ttft
 
 
