@@ -157,14 +157,6 @@ class AdapterPool:
         torch._foreach_copy_(targets, sources)
         torch._foreach_mul_(scaled, scales)
 
-    def warm_up(self) -> None:
-        """Write a zero adapter into slot 1 and clear it: the first real load then finds the copy,
-        transpose and scale kernels loaded (CUDA loads kernels on first use)."""
-        self.write(
-            1, {name: (layer.lora_A[0], layer.lora_BT[0].T, 1.0) for name, layer in self.layers.items()}
-        )
-        self.clear(1)
-
     def staged_numel(self, rank: int) -> int:
         """Elements of a staged adapter of `rank` on every wrapped layer (what a loader can
         allocate before it has seen one)."""
