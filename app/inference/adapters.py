@@ -97,6 +97,7 @@ def load_adapter_staged(ref: AdapterRef, base_dir: Path, dtype: torch.dtype, pin
     return StagedAdapter(flat, parts, max(part.rank for part in parts.values()))
 
 
+# The dtypes check_adapter_dir lets through (adapter_files.SERVED_DTYPES), as torch dtypes.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 

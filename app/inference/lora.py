@@ -132,7 +132,7 @@ class AdapterPool:
             adapter = stage_weights(adapter, self.rows.dtype)
         self.grow_rank(adapter.rank)
         flat = adapter.flat.to(self.rows.device, non_blocking=True)
-        targets, sources, zero, scales = [], [], [], []
+        a_targets, a_sources, scales, zero = [], [], [], []
         b_by_shape = defaultdict(list)  # (out, rank) -> [(target, B as stored)]
         for name, layer in self.layers.items():
             part = adapter.parts.get(name)
@@ -140,22 +140,23 @@ class AdapterPool:
                 zero += [layer.lora_A[slot], layer.lora_BT[slot]]
                 continue
             in_features, out_features = layer.base.in_features, layer.base.out_features
-            targets.append(layer.lora_A[slot, : part.rank])
-            sources.append(flat[part.a_at : part.a_at + part.rank * in_features].view(part.rank, in_features))
+            a_targets.append(layer.lora_A[slot, : part.rank])
+            a_sources.append(
+                flat[part.a_at : part.a_at + part.rank * in_features].view(part.rank, in_features)
+            )
             scales.append(part.scale)
             B = flat[part.b_at : part.b_at + out_features * part.rank].view(out_features, part.rank)
             b_by_shape[B.shape].append((layer.lora_BT[slot, : part.rank], B))
             if part.rank < self.rank:
                 zero += [layer.lora_A[slot, part.rank :], layer.lora_BT[slot, part.rank :]]
-        scaled = list(targets)
+        b_targets, b_sources = [], []
         for pairs in b_by_shape.values():
-            transposed = torch.stack([B for _, B in pairs]).transpose(1, 2).contiguous()
-            targets += [target for target, _ in pairs]
-            sources += transposed.unbind()
+            b_targets += [target for target, _ in pairs]
+            b_sources += torch.stack([B for _, B in pairs]).transpose(1, 2).contiguous().unbind()
         if zero:
             torch._foreach_zero_(zero)
-        torch._foreach_copy_(targets, sources)
-        torch._foreach_mul_(scaled, scales)
+        torch._foreach_copy_(a_targets + b_targets, a_sources + b_sources)
+        torch._foreach_mul_(a_targets, scales)
 
     def staged_numel(self, rank: int) -> int:
         """Elements of a staged adapter of `rank` on every wrapped layer (what a loader can
