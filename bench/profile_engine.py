@@ -22,7 +22,7 @@ from app.core.settings import Settings
 from app.inference.adapters import AdapterRef
 from app.inference.engine import Completion, Engine, Failure, GenerationRequest
 from app.inference.sampling import SamplingParams
-from bench.train import build_checkpoint
+from bench.shapes import build_checkpoint
 from tests.inference_support import write_peft_adapter
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -31,7 +31,7 @@ PROMPT_TOKENS, NEW_TOKENS = 48, 64
 
 def build_model(directory: Path, tokenizer_dir: Path) -> None:
     """The benchmarks' TinyLlama-shaped random checkpoint, plus a tokenizer for the engine."""
-    build_checkpoint(str(directory))
+    build_checkpoint("tinyllama", str(directory))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer_dir / name, directory / name)
 

@@ -23,7 +23,7 @@ from app.inference.adapters import load_adapter_staged, reserve_pinned_memory
 from app.inference.lora import AdapterPool
 from app.services.adapter_files import check_adapter_dir, verify_manifest
 from bench.profile_engine import make_adapter
-from bench.train import CKPT, build_checkpoint
+from bench.shapes import build_checkpoint
 
 
 def median_ms(fn, refs) -> float:
@@ -38,8 +38,7 @@ def median_ms(fn, refs) -> float:
 
 
 def main():
-    build_checkpoint()
-    base = Path(CKPT)
+    base = Path(build_checkpoint())
     root = Path(tempfile.mkdtemp(prefix="tf-loader-"))
     refs = [make_adapter(root, base, seed) for seed in range(8)]
     cuda = torch.cuda.is_available()

@@ -1,14 +1,15 @@
 """Serving benchmark: naive PEFT baseline vs the Tuneforge server (app/inference/engine.py).
 
-python3 bench/serve.py [--only naive|server] [--requests-per-level 64]
-Both halves use a TinyLlama-1.1B-shaped model with random weights (bench/train.py's checkpoint) in NF4 and
+python3 bench/serve.py [--model-shape tinyllama|mistral7b|qwen3] [--only naive|server]
+                       [--requests-per-level 64]
+Both halves use a model of that shape with random weights (bench/shapes.py) in NF4 and
 8 random LoRA adapters (r=16, all-linear, nonzero B); 48-token prompts, 64 new tokens, greedy.
   naive:  one request at a time, PeftModel + set_adapter per request (as shared/bench/infer_baseline.py).
   server: adapters imported into a temp data dir with `tuneforge models import`, a key from
           `tuneforge keys create`, the real server (`tuneforge api`) driven by concurrent streaming (SSE)
           httpx clients (4 streams per client process, bench/_clients.py) at concurrency 1, 16, 64:
           aggregate generated tok/s, TTFT p50/p99, cold-load p50.
-Results merged into docs/benchmarks/latest.json under "serve".
+Results merged into docs/benchmarks/latest.json under "serve" (the 1.1B shape), "serve_7b" or "serve_qwen3".
 """
 
 import argparse
@@ -28,13 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench._clients import NEW, PROMPT_LEN, drive, one, pct  # noqa: E402
 from bench._results import merge  # noqa: E402
-from bench.train import CKPT, build_checkpoint  # noqa: E402
+from bench.shapes import RESULT_KEYS, SHAPES, build_checkpoint  # noqa: E402
 
 N_AD = 8
-AD_ROOT = Path(os.environ.get("BENCH_ADAPTERS", "/tmp/bench-adapters"))
 
 
-def ensure_tokenizer(path=CKPT, vocab_size=32000):
+def ensure_tokenizer(path, vocab_size=32000):
     """The random checkpoint has no tokenizer; the server needs one. A word-level tokenizer whose
     words are the ids themselves ("3".."31999"): a prompt of N numbers is N tokens."""
     if os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -50,7 +50,7 @@ def ensure_tokenizer(path=CKPT, vocab_size=32000):
     ).save_pretrained(path)
 
 
-def load_base():
+def load_base(checkpoint):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(
@@ -60,16 +60,16 @@ def load_base():
         bnb_4bit_use_double_quant=True,
     )
     return AutoModelForCausalLM.from_pretrained(
-        CKPT, quantization_config=bnb, device_map={"": 0}, dtype=torch.bfloat16
+        checkpoint, quantization_config=bnb, device_map={"": 0}, dtype=torch.bfloat16
     )
 
 
-def make_adapters(base):
-    """8 random r=16 all-linear adapters (nonzero B) saved with save_pretrained under AD_ROOT/ad{i}."""
+def make_adapters(base, root: Path):
+    """8 random r=16 all-linear adapters (nonzero B) saved with save_pretrained under root/ad{i}."""
     from peft import LoraConfig, get_peft_model
 
     for i in range(N_AD):
-        p = AD_ROOT / f"ad{i}"
+        p = root / f"ad{i}"
         if not (p / "adapter_model.safetensors").exists():
             torch.manual_seed(i)
             m = get_peft_model(
@@ -80,12 +80,12 @@ def make_adapters(base):
     return base
 
 
-def run_naive(base, n_requests=8):
+def run_naive(base, root: Path, n_requests=8):
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, str(AD_ROOT / "ad0"), adapter_name="ad0")
+    model = PeftModel.from_pretrained(base, str(root / "ad0"), adapter_name="ad0")
     for i in range(1, N_AD):
-        model.load_adapter(str(AD_ROOT / f"ad{i}"), adapter_name=f"ad{i}")
+        model.load_adapter(str(root / f"ad{i}"), adapter_name=f"ad{i}")
     model.eval()
     prompt = torch.randint(3, 32000, (1, PROMPT_LEN), device="cuda", generator=None)
 
@@ -115,7 +115,7 @@ def run_naive(base, n_requests=8):
     for k in range(5):
         torch.cuda.synchronize()
         t = time.time()
-        model.load_adapter(str(AD_ROOT / f"ad{k % N_AD}"), adapter_name=f"x{k}")
+        model.load_adapter(str(root / f"ad{k % N_AD}"), adapter_name=f"x{k}")
         torch.cuda.synchronize()
         loads.append(time.time() - t)
     return dict(
@@ -127,13 +127,6 @@ def run_naive(base, n_requests=8):
     )
 
 
-# ------------------------------------------------------------------------------------------------------
-# Server half. Needs from the app (being written): `tuneforge models import DIR --tenant T --name N --base B`,
-# `tuneforge keys create --tenant T` printing the key, `tuneforge api` honouring TUNEFORGE_DATA_DIR/PORT/
-# BASE_MODELS/SERVE_BASE_MODEL, POST /v1/completions {"model","prompt","max_tokens","stream":true,
-# "temperature":0} answering OpenAI-style SSE ("data: {...}" chunks, "data: [DONE]"), and ideally
-# GET /metrics with an adapter-load histogram (tuneforge_adapter_load_seconds*).
-# ------------------------------------------------------------------------------------------------------
 def _cli(env, *args):
     r = subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
@@ -148,7 +141,7 @@ def _cli(env, *args):
     return r.stdout
 
 
-def setup_store(data_dir: Path, ckpt=CKPT, adapters=AD_ROOT, device="cuda", app_root=ROOT):
+def setup_store(data_dir: Path, ckpt, adapters: Path, device="cuda", app_root=ROOT):
     """A data dir with a key and the N_AD adapters imported; `app_root` is the checkout whose
     `tuneforge` runs (bench/http_path.py compares two revisions)."""
     # The base name is the checkpoint's directory name: import checks the adapter's recorded base.
@@ -304,26 +297,28 @@ async def _one_client(url, key, model):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default="tinyllama")
     ap.add_argument("--only", choices=["naive", "server"], default=None)
     ap.add_argument("--requests-per-level", type=int, default=64)
     ap.add_argument("--py-spy", metavar="PATH", help="record the API process with py-spy into PATH")
     a = ap.parse_args()
-    build_checkpoint()
-    ensure_tokenizer()
-    base = make_adapters(load_base())
+    checkpoint = build_checkpoint(a.model_shape)
+    ensure_tokenizer(checkpoint)
+    adapters = Path(os.environ.get("BENCH_ADAPTERS", f"/tmp/bench-adapters-{a.model_shape}"))
+    base = make_adapters(load_base(checkpoint), adapters)
     out = {}
     if a.only in (None, "naive"):
-        out.update(run_naive(base))
+        out.update(run_naive(base, adapters))
         print("naive", json.dumps(out), flush=True)
     del base
     torch.cuda.empty_cache()
     if a.only in (None, "server"):
         try:
-            out.update(run_server(a.requests_per_level, py_spy=a.py_spy))
+            out.update(run_server(a.requests_per_level, py_spy=a.py_spy, ckpt=checkpoint, adapters=adapters))
         except Exception as e:  # engine not ready yet: keep the naive half
             out["server_error"] = repr(e)[:500]
         print("server", json.dumps({k: v for k, v in out.items() if not k.startswith("naive")}), flush=True)
-    merge("serve", out)
+    merge(f"serve{RESULT_KEYS[a.model_shape]}", out)
 
 
 if __name__ == "__main__":

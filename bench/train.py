@@ -1,14 +1,14 @@
 """Training benchmark: seed recipe (DESIGN.md §5) vs Tuneforge's own recipe (worker/pipeline.py).
 
-python3 bench/train.py [--steps 25] [--only seed|tuneforge]
-Builds a TinyLlama-1.1B-shaped LlamaConfig model with random weights on the device, synthetic chat-length
+python3 bench/train.py [--model-shape tinyllama|mistral7b|qwen3] [--steps 25] [--only seed|tuneforge]
+Builds a model of that shape with random weights on the device (bench/shapes.py), synthetic chat-length
 data (lognormal lengths, median ~134, max 512). Measures real (non-pad) tokens/s after warm-up, peak GPU
-memory, and loss vs tokens. Results merged into docs/benchmarks/latest.json under "train".
+memory, and loss vs tokens. Results merged into docs/benchmarks/latest.json under "train" (the 1.1B
+shape) or "train" -> "train_7b" / "train_qwen3".
 """
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -18,34 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._results import merge
+from bench.shapes import RESULT_KEYS, SHAPES, build_checkpoint
 
-CKPT = os.environ.get("BENCH_CKPT", "/tmp/tinyllama-random")
 WARM = 3
-
-
-def build_checkpoint(path=CKPT):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    cfg = LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    return path
 
 
 def synthetic_examples(n, seed=0):
@@ -65,7 +40,7 @@ def loss_at_tokens(traj, marks=(10_000, 20_000, 40_000, 80_000)):
     return out
 
 
-def run_seed(steps):
+def run_seed(checkpoint, steps):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
@@ -86,7 +61,11 @@ def run_seed(steps):
         bnb_4bit_use_double_quant=True,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        CKPT, quantization_config=bnb, device_map={"": 0}, dtype=torch.float16, attn_implementation="sdpa"
+        checkpoint,
+        quantization_config=bnb,
+        device_map={"": 0},
+        dtype=torch.float16,
+        attn_implementation="sdpa",
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(
@@ -175,23 +154,13 @@ def run_seed(steps):
     return res
 
 
-# ---------------------------------------------------------------------------------------------------------
-# TUNEFORGE RECIPE CALL SITE. Needs from worker/pipeline.py (being written):
-#   bench_train(examples: list[list[int]], base_model_dir: str, *, steps: int, warmup_steps: int = 3,
-#               seed: int = 0, **hyperparams) -> dict with keys
-#     tokens (real non-pad tokens trained on after warm-up), seconds (wall time after warm-up, cuda-synced),
-#     peak_gib (torch.cuda.max_memory_allocated), loss_trajectory [[cumulative_real_tokens, loss], ...]
-#   using the worker's own default hyperparameters (the production recipe), on GPU 0.
-# ---------------------------------------------------------------------------------------------------------
-def run_tuneforge(steps, batch_size):
-    try:
-        from worker.pipeline import bench_train
-    except ImportError as e:
-        return {"skipped": f"worker.pipeline.bench_train not available: {e}"}
+def run_tuneforge(checkpoint, steps, batch_size):
+    from worker.pipeline import bench_train
+
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     r = bench_train(
-        synthetic_examples(4000), CKPT, steps=steps, warmup_steps=WARM, seed=0, batch_size=batch_size
+        synthetic_examples(4000), checkpoint, steps=steps, warmup_steps=WARM, seed=0, batch_size=batch_size
     )
     r["tokens_per_s"] = r["tokens"] / r["seconds"]
     return r
@@ -199,6 +168,7 @@ def run_tuneforge(steps, batch_size):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default="tinyllama")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--only", choices=["seed", "tuneforge"], default=None)
     ap.add_argument(
@@ -208,10 +178,10 @@ def main():
         help="Tuneforge examples per step (the API auto value is 16; see docs/BENCHMARKS.md)",
     )
     a = ap.parse_args()
-    build_checkpoint()
+    checkpoint = build_checkpoint(a.model_shape)
     out = {}
     if a.only in (None, "seed"):
-        s = run_seed(a.steps)
+        s = run_seed(checkpoint, a.steps)
         print("seed", json.dumps({k: v for k, v in s.items() if k != "loss_trajectory"}), flush=True)
         out.update(
             seed_tokens_per_s=round(s["tokens_per_s"], 1),
@@ -221,22 +191,20 @@ def main():
             seed_loss_at_tokens=loss_at_tokens(s["loss_trajectory"]),
         )
     if a.only in (None, "tuneforge"):
-        t = run_tuneforge(a.steps, a.batch_size)
+        t = run_tuneforge(checkpoint, a.steps, a.batch_size)
         print("tuneforge", json.dumps({k: v for k, v in t.items() if k != "loss_trajectory"}), flush=True)
-        if "skipped" in t:
-            out["tuneforge_skipped"] = t["skipped"]
-        else:
-            out.update(
-                tuneforge_batch_size=a.batch_size,
-                tuneforge_steps=a.steps,
-                tuneforge_tokens_per_s=round(t["tokens_per_s"], 1),
-                tuneforge_peak_gib=round(t["peak_gib"], 3),
-                tuneforge_loss_trajectory=t.get("loss_trajectory"),
-                tuneforge_loss_at_tokens=loss_at_tokens(t.get("loss_trajectory") or []),
-            )
-            if "seed_tokens_per_s" in out:  # both halves measured in this run
-                out["tuneforge_vs_seed"] = round(out["tuneforge_tokens_per_s"] / out["seed_tokens_per_s"], 1)
-    merge("train", out)
+        out.update(
+            tuneforge_batch_size=a.batch_size,
+            tuneforge_steps=a.steps,
+            tuneforge_tokens_per_s=round(t["tokens_per_s"], 1),
+            tuneforge_peak_gib=round(t["peak_gib"], 3),
+            tuneforge_loss_trajectory=t.get("loss_trajectory"),
+            tuneforge_loss_at_tokens=loss_at_tokens(t.get("loss_trajectory") or []),
+        )
+        if "seed_tokens_per_s" in out:  # both halves measured in this run
+            out["tuneforge_vs_seed"] = round(out["tuneforge_tokens_per_s"] / out["seed_tokens_per_s"], 1)
+    suffix = RESULT_KEYS[a.model_shape]
+    merge("train", {f"train{suffix}": out} if suffix else out)
 
 
 if __name__ == "__main__":

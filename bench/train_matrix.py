@@ -13,8 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._results import merge
-from bench.train import CKPT, WARM, build_checkpoint, loss_at_tokens, synthetic_examples
+from bench.shapes import build_checkpoint, checkpoint_path
+from bench.train import WARM, loss_at_tokens, synthetic_examples
 from worker import pipeline
+
+CKPT = checkpoint_path("tinyllama")
 
 # name, hyperparameters, MICRO_BATCH_TOKENS, step function ("plain": transformers' padded forward
 # and loss through PEFT's own LoRA forward; "peft_lora": the fast path with PEFT's LoRA forward).
