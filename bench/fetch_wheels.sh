@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Regenerate .whl/ (device wheels, Python 3.12 x86_64) at exactly the versions in the project's .venv.
-# datasets/pyarrow are left out on purpose: pyarrow alone is ~45 MiB and the GPU bench paths don't import datasets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="transformers peft trl bitsandbytes fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv
+PKGS="transformers peft bitsandbytes fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv
 typing-inspection annotated-types annotated-doc sqlalchemy alembic mako uvicorn h11 httpx httpcore anyio sniffio
-python-multipart prometheus_client sse-starlette uvloop httptools typer click rich shellingham markdown-it-py mdurl pygments gguf
+python-multipart prometheus_client uvloop httptools typer click rich shellingham markdown-it-py mdurl pygments gguf
 opentelemetry-api"
 FREEZE=$(.venv/bin/pip freeze)
 SPECS=()
