@@ -5,7 +5,7 @@ import secrets
 import time
 
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def new_id(prefix: str) -> str:
@@ -14,6 +14,14 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+CHECKPOINT_INFIX = ":ckpt-step-"
+
+
+def checkpoint_model_id(output_model: str, step: int) -> str:
+    """The model id a checkpoint is served under."""
+    return f"{output_model}{CHECKPOINT_INFIX}{step}"
 
 
 class Base(DeclarativeBase):
@@ -119,6 +127,11 @@ class Checkpoint(Base):
     path: Mapped[str] = mapped_column(String(1024))
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    job: Mapped[Job] = relationship()
+
+    @property
+    def model_id(self) -> str:
+        return checkpoint_model_id(self.job.output_model, self.step)
 
 
 class Model(Base):
@@ -135,3 +148,10 @@ class Model(Base):
     path: Mapped[str] = mapped_column(String(1024))
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+    @property
+    def parent(self) -> str:
+        """A checkpoint's parent is the fine-tune it belongs to; any other model's is its base model."""
+        if self.kind == "checkpoint":
+            return self.id.rsplit(CHECKPOINT_INFIX, 1)[0]
+        return self.base_model

@@ -3,7 +3,7 @@ official clients parse them unchanged; Tuneforge's own fields are additions."""
 
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 T = TypeVar("T")
 
@@ -29,6 +29,8 @@ class ListPage(BaseModel, Generic[T]):
 
 
 class FilePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     object: Literal["file"] = "file"
     bytes: int
@@ -134,6 +136,8 @@ class JobError(BaseModel):
 
 
 class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     created_at: int
@@ -141,49 +145,82 @@ class JobPublic(BaseModel):
     fine_tuned_model: str | None
     finished_at: int | None
     hyperparameters: dict[str, Any]
-    method: dict[str, Any]
+    method: dict[str, Any] = Field(validation_alias="hyperparameters")
     model: str
-    organization_id: str
+    organization_id: str = Field(validation_alias="tenant_id")
     result_files: list[str] = []
     seed: int
+    # A running job asked to pause still reports running until the worker has checkpointed.
     status: str
     trained_tokens: int | None
     training_file: str
     validation_file: str | None
     estimated_finish: int | None = None
     integrations: list[Any] | None = None
-    metadata: dict[str, str] | None = None
-    user_provided_suffix: str | None = None
+    metadata: dict[str, str] | None = Field(None, validation_alias="metadata_")
+    user_provided_suffix: str | None = Field(None, validation_alias="suffix")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _supervised_method(cls, hyperparameters):
+        return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
 
 
 class JobEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
     level: Literal["info", "warn", "error"]
     message: str
     data: dict[str, Any] | None = None
-    type: Literal["message", "metrics"] = "message"
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _event_id(cls, row_id):
+        return f"ftevent-{row_id}" if isinstance(row_id, int) else row_id
+
+    @computed_field
+    @property
+    def type(self) -> Literal["message", "metrics"]:
+        # Lifecycle events carry data too (attempt, checkpoint id); only step metrics are "metrics".
+        return "metrics" if self.data and "train_loss" in self.data else "message"
 
 
 class CheckpointPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int
-    fine_tuned_model_checkpoint: str
-    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str = Field(validation_alias="model_id")
+    fine_tuning_job_id: str = Field(validation_alias="job_id")
     metrics: dict[str, float]
-    step_number: int
+    step_number: int = Field(validation_alias="step")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _numbers_only(cls, metrics):
+        return {k: v for k, v in (metrics or {}).items() if isinstance(v, int | float)}
+
+    @model_validator(mode="after")
+    def _step_first(self):
+        self.metrics = {"step": float(self.step_number), **self.metrics}
+        return self
 
 
 # --- Models ---
 
 
 class ModelPublic(BaseModel):
+    # Fine-tunes come from their Model row; base models, which have none, are built by field name.
+    model_config = ConfigDict(from_attributes=True, validate_by_name=True)
+
     id: str
     object: Literal["model"] = "model"
-    created: int
-    owned_by: str
+    created: int = Field(validation_alias="created_at")
+    owned_by: str = Field(validation_alias="tenant_id")
     parent: str | None = None
 
 

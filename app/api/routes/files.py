@@ -14,18 +14,6 @@ router = APIRouter(tags=["files"])
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-def to_public(row) -> FilePublic:
-    return FilePublic(
-        id=row.id,
-        bytes=row.bytes,
-        created_at=row.created_at,
-        filename=row.filename,
-        purpose=row.purpose,
-        sha256=row.sha256,
-        examples=row.examples,
-    )
-
-
 @router.post("/files", response_model=FilePublic)
 def upload_file(
     request: Request,
@@ -53,7 +41,7 @@ def upload_file(
         filename=file.filename or "upload.jsonl",
         purpose=purpose,
     )
-    return to_public(row)
+    return FilePublic.model_validate(row)
 
 
 @router.get("/files", response_model=ListPage[FilePublic])
@@ -66,12 +54,12 @@ def list_files(
     order: Literal["asc", "desc"] = "desc",
 ):
     rows, more = service.list_files(session, tenant, purpose=purpose, after=after, limit=limit, order=order)
-    return ListPage[FilePublic].of([to_public(r) for r in rows], more)
+    return ListPage[FilePublic].of([FilePublic.model_validate(r) for r in rows], more)
 
 
 @router.get("/files/{file_id}", response_model=FilePublic)
 def retrieve_file(file_id: str, session: SessionDep, tenant: TenantDep):
-    return to_public(service.get_file(session, tenant, file_id))
+    return FilePublic.model_validate(service.get_file(session, tenant, file_id))
 
 
 @router.get("/files/{file_id}/content")

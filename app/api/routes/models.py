@@ -4,7 +4,6 @@ from app.api.deps import ReadSessionDep, SessionDep, TenantDep
 from app.core.errors import InvalidRequest
 from app.core.settings import get_settings
 from app.inference.base_models import available_base_models
-from app.models import Model
 from app.schemas import Deleted, ListPage, ModelPublic
 from app.services import models as service
 
@@ -16,17 +15,11 @@ def base_public(name: str) -> ModelPublic:
     return ModelPublic(id=name, created=service.BASE_MODEL_CREATED_AT, owned_by=BASE_OWNER)
 
 
-def model_public(row: Model) -> ModelPublic:
-    # A checkpoint's parent is the fine-tune it belongs to; a fine-tune's is its base model.
-    parent = row.id.rsplit(":ckpt-step-", 1)[0] if row.kind == "checkpoint" else row.base_model
-    return ModelPublic(id=row.id, created=row.created_at, owned_by=row.tenant_id, parent=parent)
-
-
 @router.get("/models", response_model=ListPage[ModelPublic])
 def list_models(session: ReadSessionDep, tenant: TenantDep):
     """Base models, then the caller's fine-tunes, checkpoints and imported adapters."""
     data = [base_public(n) for n in available_base_models(get_settings())]
-    data += [model_public(m) for m in service.list_models(session, tenant)]
+    data += [ModelPublic.model_validate(m) for m in service.list_models(session, tenant)]
     return ListPage[ModelPublic].of(data, False)
 
 
@@ -34,7 +27,7 @@ def list_models(session: ReadSessionDep, tenant: TenantDep):
 def retrieve_model(model_id: str, session: ReadSessionDep, tenant: TenantDep):
     if model_id in available_base_models(get_settings()):
         return base_public(model_id)
-    return model_public(service.get_model(session, tenant, model_id))
+    return ModelPublic.model_validate(service.get_model(session, tenant, model_id))
 
 
 @router.delete("/models/{model_id:path}", response_model=Deleted)
