@@ -8,8 +8,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvicorn
 
+from app.core.adapter_files import AdapterFileError
+from app.core.base_models import resolve_base_model
+from app.core.db import session_scope
+from app.core.migrate import upgrade
 from app.core.settings import EMBEDDED_BASE_MODEL, get_settings
+from app.services.adapter_import import import_adapter
+from app.services.keys import create_key, get_or_create_tenant, list_keys, revoke_key
+from worker.loop import run_worker
 
 app = typer.Typer(
     help="Tuneforge: QLoRA fine-tuning and LoRA serving.",
@@ -24,9 +32,6 @@ app.add_typer(models_app, name="models")
 
 def _migrated_session():
     """A transaction on an up-to-date database (key commands may run before the first `up`)."""
-    from app.core.db import session_scope
-    from app.core.migrate import upgrade
-
     upgrade(get_settings().resolved_database_url)
     return session_scope()
 
@@ -34,8 +39,6 @@ def _migrated_session():
 @app.command()
 def migrate() -> None:
     """Apply the database migrations."""
-    from app.core.migrate import upgrade
-
     upgrade(get_settings().resolved_database_url)
     typer.echo("database is up to date")
 
@@ -43,10 +46,6 @@ def migrate() -> None:
 @app.command()
 def api() -> None:
     """Run the HTTP API and the inference engine."""
-    import uvicorn
-
-    from app.core.migrate import upgrade
-
     settings = get_settings()
     upgrade(settings.resolved_database_url)
     uvicorn.run(
@@ -62,14 +61,10 @@ def api() -> None:
 @app.command()
 def worker() -> None:
     """Run one training worker: claims queued jobs, one at a time."""
-    from worker.loop import run_worker
-
     run_worker(get_settings())
 
 
 def _prepare_base_model() -> None:
-    from app.inference.base_models import resolve_base_model
-
     settings = get_settings()
     if settings.serve_base_model == EMBEDDED_BASE_MODEL:
         typer.echo(f"preparing base model {EMBEDDED_BASE_MODEL} (first run only: about 30 s)")
@@ -122,8 +117,6 @@ def up() -> None:
 @keys_app.command("create")
 def keys_create(tenant: str = typer.Option(..., help="Tenant name; created if new.")) -> None:
     """Create an API key; the key is the last line printed."""
-    from app.services.keys import create_key
-
     with _migrated_session() as session:
         row, key = create_key(session, tenant)
         typer.echo(f"created key {row.id} for tenant {tenant} (shown once, store it now):")
@@ -133,8 +126,6 @@ def keys_create(tenant: str = typer.Option(..., help="Tenant name; created if ne
 @keys_app.command("list")
 def keys_list(tenant: str | None = typer.Option(None, help="Only this tenant's keys.")) -> None:
     """List API keys (their ids and prefixes; keys themselves are never stored)."""
-    from app.services.keys import list_keys
-
     with _migrated_session() as session:
         for key, t in list_keys(session, tenant):
             state = "revoked" if key.revoked_at else "active"
@@ -144,8 +135,6 @@ def keys_list(tenant: str | None = typer.Option(None, help="Only this tenant's k
 @keys_app.command("revoke")
 def keys_revoke(key_id: str = typer.Argument(..., help="The key id shown by 'keys list'.")) -> None:
     """Revoke an API key: requests with it get 401 from now on."""
-    from app.services.keys import revoke_key
-
     with _migrated_session() as session:
         if not revoke_key(session, key_id):
             typer.echo(f"no key with id {key_id}; see 'tuneforge keys list'", err=True)
@@ -165,10 +154,6 @@ def models_import(
     ),
 ) -> None:
     """Import an adapter (adapter_config.json + adapter_model.safetensors) and serve it."""
-    from app.inference.base_models import resolve_base_model
-    from app.services.adapter_files import AdapterFileError, import_adapter
-    from app.services.keys import get_or_create_tenant
-
     settings = get_settings()
     base = base or settings.serve_base_model
     try:

@@ -19,9 +19,8 @@ import torch
 
 from app.core.artifacts import write_manifest
 from app.core.settings import Settings
-from app.inference.adapters import AdapterRef
-from app.inference.engine import Completion, Engine, Failure, GenerationRequest
-from app.inference.sampling import SamplingParams
+from app.inference.engine import Engine
+from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
 from bench.shapes import build_checkpoint
 from tests.inference_support import write_peft_adapter
 

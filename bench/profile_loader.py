@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from app.core.adapter_files import check_adapter_dir, verify_manifest
 from app.core.artifacts import WEIGHTS_FILE
 from app.inference.adapters import load_adapter_staged, reserve_pinned_memory
 from app.inference.lora import AdapterPool
-from app.services.adapter_files import check_adapter_dir, verify_manifest
 from bench.profile_engine import make_adapter
 from bench.shapes import build_checkpoint
 

@@ -22,8 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from app.core.base_models import resolve_base_model  # noqa: E402
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings  # noqa: E402
-from app.inference.base_models import resolve_base_model  # noqa: E402
 from worker import pipeline  # noqa: E402
 from worker.data import Example  # noqa: E402
 

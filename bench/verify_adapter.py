@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from app.core.adapter_files import verify_manifest  # noqa: E402
 from app.core.artifacts import WEIGHTS_FILE, write_manifest  # noqa: E402
-from app.services.adapter_files import verify_manifest  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -76,7 +76,7 @@ def database_url(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
-    from app.inference.base_models import resolve_base_model
+    from app.core.base_models import resolve_base_model
 
     return resolve_base_model(EMBEDDED_BASE_MODEL, Settings(data_dir=BASE_MODEL_CACHE))
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 
+from app.core.adapter_files import PEFT_PREFIX, base_linear_shapes
 from app.core.artifacts import publish_dir, sha256_file, temp_sibling, write_manifest
 from app.core.db import make_engine
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 from app.models import Model
-from app.services.adapter_files import PEFT_PREFIX, base_linear_shapes
 from app.services.keys import create_key, get_or_create_tenant
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")

@@ -13,6 +13,9 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+from safetensors.numpy import save_file
+
 from app.core.artifacts import WEIGHTS_FILE
 from worker.errors import InfraError
 from worker.hooks import TrainingHooks, TrainResult
@@ -58,9 +61,6 @@ def train_noop(job_id: str, hooks: TrainingHooks, resume_from: Path | None) -> T
 
 
 def _write_noop_adapter(directory: Path, job_id: str) -> None:
-    import numpy as np
-    from safetensors.numpy import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     seed = int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "little")
     save_file(

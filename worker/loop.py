@@ -23,9 +23,9 @@ from typing import Self
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core.base_models import UnknownBaseModel, resolve_base_model
 from app.core.db import make_engine
 from app.core.settings import Settings
-from app.inference.base_models import UnknownBaseModel, resolve_base_model
 from app.models import File, Job, JobEvent, JobStatus, now
 from worker import faults, store
 from worker.errors import JobLost, UserError

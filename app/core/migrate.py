@@ -1,12 +1,12 @@
 """Run the Alembic migrations shipped in the `migrations` package."""
 
+import importlib.util
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
 
-import migrations
 from app.core.db import make_engine
 
 # Any constant: on PostgreSQL, concurrent `tuneforge migrate` runs queue behind this lock.
@@ -15,7 +15,8 @@ MIGRATION_LOCK_ID = 0x7475_6E65
 
 def alembic_config(url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # Located, not imported: its scripts import app.core and app.models when Alembic runs them.
+    cfg.set_main_option("script_location", str(Path(importlib.util.find_spec("migrations").origin).parent))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

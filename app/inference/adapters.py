@@ -17,10 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load
 
-from app.core.artifacts import WEIGHTS_FILE
-from app.core.metrics import ADAPTER_LOAD_SECONDS, RESIDENT_ADAPTERS
-from app.inference.lora import AdapterPool, StagedAdapter, StagedPart, Weights
-from app.services.adapter_files import (
+from app.core.adapter_files import (
     PEFT_PREFIX,
     AdapterFileError,
     AdapterGone,
@@ -28,17 +25,15 @@ from app.services.adapter_files import (
     read_safetensors_header,
     verify_manifest,
 )
+from app.core.artifacts import WEIGHTS_FILE
+from app.core.metrics import ADAPTER_LOAD_SECONDS, RESIDENT_ADAPTERS
+from app.inference.lora import AdapterPool, StagedAdapter, StagedPart, Weights
+from app.inference.messages import AdapterRef
 
 # Test hook: seconds each disk load sleeps, to show that loads never stall other requests.
 LOAD_DELAY_ENV = "TUNEFORGE_TEST_ADAPTER_LOAD_DELAY_S"
 # Verifies a mapped file while the loader thread converts its tensors.
 _VERIFIER = ThreadPoolExecutor(1, thread_name_prefix="adapter-verify")
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    version: str
-    adapter_dir: Path
 
 
 def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.core.adapter_files import AdapterGone
+from app.core.base_models import resolve_base_model
 from app.core.metrics import (
     GPU_MEMORY_BYTES,
     INFERENCE_REQUESTS,
@@ -33,49 +35,13 @@ from app.core.metrics import (
     TOKENS_GENERATED,
 )
 from app.core.settings import Settings
-from app.inference.adapters import AdapterLoader, AdapterRef, AdapterTiers, reserve_pinned_memory
-from app.inference.base_models import resolve_base_model
+from app.inference.adapters import AdapterLoader, AdapterTiers, reserve_pinned_memory
 from app.inference.decoder import PREFILL_TOKENS, BatchDecoder
 from app.inference.lora import AdapterPool
-from app.inference.sampling import (
-    Detokenizer,
-    SamplingParams,
-    TextTracker,
-    make_generator,
-    sample_token,
-)
-from app.services.adapter_files import AdapterGone
+from app.inference.messages import Completion, EngineStopped, Failure, GenerationRequest, TextDelta
+from app.inference.sampling import Detokenizer, TextTracker, make_generator, sample_token
 
 log = logging.getLogger(__name__)
-
-
-class EngineStopped(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    model: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: AdapterRef | None = None
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Completion:
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Failure:
-    error: Exception
 
 
 class ResultStream:

@@ -6,18 +6,7 @@ from functools import partial
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from app.inference.messages import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core.base_models import available_base_models
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.settings import Settings
 from app.models import Checkpoint, File, Job, JobEvent, JobStatus, Tenant, new_id, now
@@ -73,8 +74,6 @@ def create_job(
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Returns (job, created). A repeated Idempotency-Key returns the first job unchanged."""
-    from app.inference.base_models import available_base_models
-
     request_hash = _request_hash(body)
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key)

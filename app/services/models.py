@@ -7,6 +7,7 @@ from pathlib import Path
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
+from app.core.base_models import available_base_models
 from app.core.errors import NotFound
 from app.core.settings import Settings
 from app.models import Model, Tenant
@@ -41,8 +42,6 @@ _MODEL_FOR_SERVING = select(Model.tenant_id, Model.base_model, Model.version, Mo
 
 
 def resolve_model(session: Session, settings: Settings, tenant: Tenant, model_id: str) -> ResolvedModel:
-    from app.inference.base_models import available_base_models
-
     if model_id in available_base_models(settings):
         return ResolvedModel(id=model_id, base_model=model_id)
     row = session.execute(_MODEL_FOR_SERVING, {"model_id": model_id}).first()

@@ -9,11 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from app.core.adapter_files import AdapterFileError
 from app.core.artifacts import BLOCK_BYTES, sha256_file, write_manifest
 from app.core.db import session_scope
 from app.core.settings import EMBEDDED_BASE_MODEL
-from app.inference.adapters import AdapterRef, load_adapter_staged, load_adapter_weights
-from app.services.adapter_files import AdapterFileError, import_adapter
+from app.inference.adapters import load_adapter_staged, load_adapter_weights
+from app.inference.messages import AdapterRef
+from app.services.adapter_import import import_adapter
 from app.services.keys import get_or_create_tenant
 from tests.inference_support import write_peft_adapter
 

@@ -10,13 +10,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.core.adapter_files import AdapterFileError
 from app.core.artifacts import sha256_file
 from app.core.settings import Settings
-from app.inference.adapters import AdapterRef, load_adapter_weights
-from app.inference.engine import Completion, Engine, Failure, GenerationRequest
+from app.inference.adapters import load_adapter_weights
+from app.inference.engine import Engine
 from app.inference.lora import AdapterPool
-from app.inference.sampling import SamplingParams
-from app.services.adapter_files import AdapterFileError
+from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
 from tests.conftest import link_base_model
 from tests.inference_support import publish_adapter_files, write_peft_adapter
 

@@ -4,8 +4,9 @@ import queue
 
 import pytest
 
-from app.inference.adapters import AdapterRef, AdapterTiers
-from app.services.adapter_files import AdapterFileError
+from app.core.adapter_files import AdapterFileError
+from app.inference.adapters import AdapterTiers
+from app.inference.messages import AdapterRef
 
 
 class FakePool:

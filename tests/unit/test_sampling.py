@@ -2,7 +2,8 @@
 
 import torch
 
-from app.inference.sampling import SamplingParams, TextTracker, make_generator, sample_token
+from app.inference.messages import SamplingParams
+from app.inference.sampling import TextTracker, make_generator, sample_token
 
 
 def feed(tracker: TextTracker, pieces: list[str]) -> list[str]:

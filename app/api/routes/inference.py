@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ApiKeyDep, lookup_tenant
+from app.core.adapter_files import AdapterFileError, AdapterGone
 from app.core.db import get_read_sessionmaker
 from app.core.errors import APIError, InvalidRequest, ServiceUnavailable, error_body
 from app.core.settings import get_settings
@@ -35,7 +36,6 @@ from app.schemas import (
     TextCompletion,
     Usage,
 )
-from app.services.adapter_files import AdapterFileError, AdapterGone
 from app.services.models import model_not_found, resolve_model
 
 router = APIRouter(tags=["inference"])

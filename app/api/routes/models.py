@@ -1,9 +1,9 @@
 from fastapi import APIRouter, Request
 
 from app.api.deps import ReadSessionDep, SessionDep, TenantDep
+from app.core.base_models import available_base_models
 from app.core.errors import InvalidRequest
 from app.core.settings import get_settings
-from app.inference.base_models import available_base_models
 from app.schemas import Deleted, ListPage, ModelPublic
 from app.services import models as service
 
