@@ -1,10 +1,10 @@
-# `make run` and `make test` set up .venv/ on first use and reuse it afterwards.
+# `make run` and the test targets set up .venv/ on first use and reuse it afterwards.
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint
+.PHONY: run test test-fast lint
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The quick loop: unit and integration tests without the `slow` ones (training, processes).
+test-fast: $(INSTALLED)
+	$(VENV)/bin/pytest -m "not slow" tests/unit tests/integration $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check app worker tests bench

@@ -24,6 +24,28 @@ PG_ADMIN_URL = os.environ.get(
 )
 # The materialised base model is 520 MB and takes ~30 s to build: build it once, reuse it.
 BASE_MODEL_CACHE = REPO / ".tuneforge-test-cache"
+E2E = REPO / "tests" / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these marks
+def pytest_collection_modifyitems(items):
+    """Test tiers (markers in pyproject.toml): everything under tests/e2e starts processes and is
+    `slow`; a test on PostgreSQL is `postgres`, also where an indirect parametrization of
+    `database_url` replaced the fixture's marked params; a `gpu` test is skipped without CUDA."""
+    cuda = None
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.slow)
+        callspec = getattr(item, "callspec", None)
+        if callspec and callspec.params.get("database_url") == "postgres":
+            item.add_marker(pytest.mark.postgres)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()  # imported only when a gpu test is collected
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 def free_port() -> int:
@@ -64,7 +86,7 @@ def _reset_postgres(url: str) -> None:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request, tmp_path):
     """Each test gets an empty, migrated-from-scratch database on both backends."""
     if request.param == "sqlite":

@@ -25,7 +25,7 @@ GOOD_LINES = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def server(request, tmp_path_factory, base_model_dir):
     data_dir = tmp_path_factory.mktemp("data")
     link_base_model(data_dir, base_model_dir)

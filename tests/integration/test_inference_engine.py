@@ -61,6 +61,7 @@ async def generate(engine, prompt, ref=None, max_tokens=8, on_token=None):
             on_token(text)
 
 
+@pytest.mark.slow
 def test_pooled_lora_equals_peft_mixed_adapter_batch(base_model_dir, tmp_path):
     """PEFT's adapter_names= mixed batch is the reference for the stacked-pool math."""
     # One adapter as peft itself saves it (all linear layers, rsLoRA), one from the test writer.
@@ -110,6 +111,7 @@ def test_pooled_lora_equals_peft_mixed_adapter_batch(base_model_dir, tmp_path):
     assert not torch.allclose(actual[1], actual[2], atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "running_prompt, joining_prompt",
     [
@@ -136,6 +138,7 @@ def test_a_request_joining_a_running_batch_gets_its_solo_output(
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_full_slots_evict_the_least_recently_used_idle_adapter_never_a_pinned_one(engine, settings):
     a, b, c, d = (adapter(settings, seed) for seed in (31, 32, 33, 34))
 
@@ -209,6 +212,7 @@ def test_unload_during_a_request_lets_it_finish_then_frees_the_slot(engine, sett
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_engine_greedy_tokens_equal_peft_generate_for_every_adapter(engine, settings, base_model_dir):
     """The engine's own path (batched prefill, pooled LoRA, decode over the preallocated cache)
     against plain PEFT generate, one adapter at a time, while all run together in one batch."""

@@ -17,6 +17,8 @@ from app.models import Model, Tenant
 from tests.conftest import link_base_model, tuneforge
 from tests.inference_support import write_peft_adapter
 
+pytestmark = pytest.mark.slow  # every test here runs the `tuneforge` console script
+
 
 @pytest.fixture(scope="module")
 def peft_saved_adapter(tmp_path_factory, base_model_dir):

@@ -1,5 +1,6 @@
 """Cancel and pause/resume of a job that the real recipe is training."""
 
+import pytest
 from sqlalchemy import select
 
 from app.core.db import session_scope
@@ -17,6 +18,8 @@ from worker.testing import (
     wait_for,
     worker_thread,
 )
+
+pytestmark = pytest.mark.slow  # every test here trains a model
 
 FAST = {"heartbeat_seconds": 0.2, "poll_seconds": 0.1, "checkpoint_every_steps": 1000}
 

@@ -51,6 +51,7 @@ def test_example_longer_than_max_seq_length_fails_naming_the_line(settings, base
     assert "Line 2" in job.error["message"] and "max_seq_length=32" in job.error["message"]
 
 
+@pytest.mark.slow
 def test_target_module_the_model_lacks_fails_at_once(settings, base_model_dir):
     link_base_model(settings.data_dir, base_model_dir)
     tenant = create_tenant()

@@ -88,6 +88,7 @@ def _use_peft_forward(model) -> None:
         module.__dict__.pop("forward", None)
 
 
+@pytest.mark.slow
 def test_fast_path_loss_equals_plain_path(base_model_dir):
     """Two optimizer steps: equal losses at step 1 mean equal forward; at step 2, equal gradients.
     Plain = transformers' padded forward and loss through PEFT's own LoRA forward."""
@@ -144,6 +145,7 @@ def test_fused_lora_forward_matches_peft(base_model_dir, dropout, autocast):
         )
 
 
+@pytest.mark.slow
 def test_bench_train_runs_the_worker_recipe_and_counts_tokens(base_model_dir):
     """The benchmarks' entry (bench/train.py, bench/train_matrix.py) on the CPU: timed steps count
     the real tokens after warm-up, and the recorded loss falls on a repeated batch."""
