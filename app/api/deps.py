@@ -4,13 +4,12 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from app.core.db import get_read_sessionmaker, get_sessionmaker
 from app.core.errors import Unauthorized
-from app.core.security import hash_key
-from app.models import ApiKey, Tenant
+from app.models import Tenant
+from app.services.keys import lookup_tenant
 
 
 def get_session() -> Iterator[Session]:
@@ -39,24 +38,6 @@ def bearer_key(request: Request) -> str:
     return key.strip()
 
 
-# Built once: building a statement costs more than running it.
-_TENANT_BY_KEY_HASH = (
-    select(Tenant.id, Tenant.name, ApiKey.revoked_at)
-    .join(ApiKey, ApiKey.tenant_id == Tenant.id)
-    .where(ApiKey.key_hash == bindparam("key_hash"))
-)
-
-
-def lookup_tenant(session: Session, key: str) -> Tenant:
-    """The key's tenant, looked up on every request (a revoked key is refused at once). Read as
-    plain columns (loading ORM entities costs several times more CPU, on every request) into a
-    transient Tenant with the columns routes use, id and name: never add it to a session."""
-    row = session.execute(_TENANT_BY_KEY_HASH, {"key_hash": hash_key(key)}).first()
-    if row is None or row.revoked_at is not None:
-        raise Unauthorized("Incorrect or revoked API key provided.")
-    return Tenant(id=row.id, name=row.name)
-
-
 def get_tenant(request: Request) -> Tenant:
     key = bearer_key(request)
     # Its own short read-only session: the route's session may be a writing one.
@@ -72,5 +53,5 @@ async def get_api_key(request: Request) -> str:
 
 
 # The key alone, checked for presence on the event loop: inference routes look it up together
-# with the model, in the one worker-thread hop they take anyway (see app.api.routes.inference).
+# with the model, in the one worker-thread hop they take anyway (see app.services.inference).
 ApiKeyDep = Annotated[str, Depends(get_api_key)]

@@ -1,10 +1,28 @@
 """Tenants and their API keys."""
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from app.core.errors import Unauthorized
 from app.core.security import display_prefix, generate_key, hash_key
 from app.models import ApiKey, Tenant, now
+
+# Built once: building a statement costs more than running it.
+_TENANT_BY_KEY_HASH = (
+    select(Tenant.id, Tenant.name, ApiKey.revoked_at)
+    .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+)
+
+
+def lookup_tenant(session: Session, key: str) -> Tenant:
+    """The key's tenant, looked up on every request (a revoked key is refused at once). Read as
+    plain columns (loading ORM entities costs several times more CPU, on every request) into a
+    transient Tenant with the columns routes use, id and name: never add it to a session."""
+    row = session.execute(_TENANT_BY_KEY_HASH, {"key_hash": hash_key(key)}).first()
+    if row is None or row.revoked_at is not None:
+        raise Unauthorized("Incorrect or revoked API key provided.")
+    return Tenant(id=row.id, name=row.name)
 
 
 def get_or_create_tenant(session: Session, name: str) -> Tenant:
