@@ -1,5 +1,5 @@
 """Test adapters for the inference engine: PEFT-format LoRA weights with a fixed seed (B nonzero so
-outputs differ from the base), published to the artifact store with a Model row."""
+outputs differ from the base), published to the artifact store with a Model row, and read back."""
 
 import json
 import secrets
@@ -7,13 +7,21 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 from sqlalchemy.orm import Session
 
-from app.core.adapter_files import PEFT_PREFIX, base_linear_shapes
-from app.core.artifacts import publish_dir, sha256_file, temp_sibling, write_manifest
+from app.core.adapter_files import (
+    PEFT_PREFIX,
+    AdapterGone,
+    base_linear_shapes,
+    check_adapter_dir,
+    verify_manifest,
+)
+from app.core.artifacts import WEIGHTS_FILE, publish_dir, sha256_file, temp_sibling, write_manifest
 from app.core.db import make_engine
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
+from app.inference.lora import Weights
+from app.inference.messages import AdapterRef
 from app.models import Model
 from app.services.keys import create_key, get_or_create_tenant
 
@@ -59,6 +67,23 @@ def write_peft_adapter(
     }
     (directory / "adapter_config.json").write_text(json.dumps(config))
     return directory
+
+
+def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:
+    """Verified weights of one adapter on the CPU, read plainly: the reference the engine's
+    load_adapter_staged is checked against. Module name -> (A, B, scale)."""
+    if not ref.adapter_dir.is_dir():
+        raise AdapterGone("the adapter's files are gone (the model was deleted)")
+    # One read: the bytes that are hashed are the bytes that are loaded.
+    data = (ref.adapter_dir / WEIGHTS_FILE).read_bytes()
+    verify_manifest(ref.adapter_dir, ref.version, data)
+    specs = check_adapter_dir(ref.adapter_dir, base_dir)
+    tensors = load(data)
+    weights = {}
+    for module, spec in specs.items():
+        prefix = PEFT_PREFIX + module
+        weights[module] = (tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"], spec.scale)
+    return weights
 
 
 def publish_adapter_files(settings: Settings, seed: int, **kw) -> Path:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load
 
 from app.core.adapter_files import (
     PEFT_PREFIX,
@@ -36,24 +35,8 @@ LOAD_DELAY_ENV = "TUNEFORGE_TEST_ADAPTER_LOAD_DELAY_S"
 _VERIFIER = ThreadPoolExecutor(1, thread_name_prefix="adapter-verify")
 
 
-def load_adapter_weights(ref: AdapterRef, base_dir: Path) -> Weights:
-    """Verified weights of one adapter on the CPU: module name -> (A, B, scale)."""
-    if not ref.adapter_dir.is_dir():
-        raise AdapterGone("the adapter's files are gone (the model was deleted)")
-    # One read: the bytes that are hashed are the bytes that are loaded.
-    data = (ref.adapter_dir / WEIGHTS_FILE).read_bytes()
-    verify_manifest(ref.adapter_dir, ref.version, data)
-    specs = check_adapter_dir(ref.adapter_dir, base_dir)
-    tensors = load(data)
-    weights = {}
-    for module, spec in specs.items():
-        prefix = PEFT_PREFIX + module
-        weights[module] = (tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"], spec.scale)
-    return weights
-
-
 def load_adapter_staged(ref: AdapterRef, base_dir: Path, dtype: torch.dtype, pin: bool) -> StagedAdapter:
-    """load_adapter_weights, staged for the pool, fast: the file is mapped, not read; it is
+    """One adapter's verified weights, staged for the pool, fast: the file is mapped, not read; it is
     verified (its blocks hashed in parallel) on other threads while its tensors are converted to
     the pool's dtype in one bulk copy (on all cores) straight from the mapping into a staging
     buffer; nothing is returned unless it matches."""

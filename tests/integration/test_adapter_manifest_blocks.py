@@ -13,11 +13,11 @@ from app.core.adapter_files import AdapterFileError
 from app.core.artifacts import BLOCK_BYTES, sha256_file, write_manifest
 from app.core.db import session_scope
 from app.core.settings import EMBEDDED_BASE_MODEL
-from app.inference.adapters import load_adapter_staged, load_adapter_weights
+from app.inference.adapters import load_adapter_staged
 from app.inference.messages import AdapterRef
 from app.services.adapter_import import import_adapter
 from app.services.keys import get_or_create_tenant
-from tests.inference_support import write_peft_adapter
+from tests.inference_support import load_adapter_weights, write_peft_adapter
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MISMATCH = "does not match its manifest"

@@ -13,12 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from app.core.adapter_files import AdapterFileError
 from app.core.artifacts import sha256_file
 from app.core.settings import Settings
-from app.inference.adapters import load_adapter_weights
 from app.inference.engine import Engine
 from app.inference.lora import AdapterPool
 from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
 from tests.conftest import link_base_model
-from tests.inference_support import publish_adapter_files, write_peft_adapter
+from tests.inference_support import load_adapter_weights, publish_adapter_files, write_peft_adapter
 
 LONG_PROMPT = "In a small village at the edge of a great forest there lived an old clockmaker who " * 3
 
