@@ -12,8 +12,11 @@ step instead of thousands of small ones. Prefill takes every newcomer of a turn 
 (right-padded; causal attention keeps the padding out of the real tokens), also bucketed and
 replayed as a graph up to PREFILL_GRAPH_TOKENS tokens.
 
-Built from the model's own modules (norms, projections with their pooled LoRA, MLP, rotary
-tables, head), so any Llama-style decoder (llama, mistral, qwen2) is served."""
+Built from the model's own modules (embedding, norms, projections with their pooled LoRA, MLP,
+rotary tables, head), so every family in `families.FAMILIES` runs this one forward; what differs
+between them (fused projections, q/k norms, Gemma's norm placement, sliding windows, soft-capping,
+rope per layer type) is read off the model by `families`. Sliding-window layers keep every
+position in the cache and mask the keys outside the window."""
 
 import logging
 
@@ -21,20 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.inference.families import check_supported, final_softcap, layer_plans, rotary_tables
 from app.inference.lora import AdapterPool
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Prefill batches hold at most this many (padded) tokens; more newcomers go in further batches.
 PREFILL_TOKENS = 8192
 MIN_COLUMNS = 128
 # Prefill batches up to this many (padded) tokens run as CUDA graphs; larger ones eagerly.
 PREFILL_GRAPH_TOKENS = 4096
-
-
-class UnsupportedModel(ValueError):
-    pass
 
 
 def _pow2(n: int) -> int:
@@ -46,27 +45,29 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def check_supported(model: nn.Module, context_window: int) -> None:
-    config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModel(
-            f"serving supports Llama-style base models ({', '.join(SUPPORTED_MODEL_TYPES)}), "
-            f"not {config.model_type}"
-        )
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") in ("dynamic", "longrope"):
-        raise UnsupportedModel(f"rope type {rope['rope_type']} is not supported for serving")
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < context_window:
-        raise UnsupportedModel("sliding-window attention shorter than the context is not supported")
-    for layer in model.model.layers:
-        if hasattr(layer.self_attn, "q_norm"):
-            raise UnsupportedModel("attention with q/k norms is not supported for serving")
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    # Partial rotary (Phi-3's partial_rotary_factor): the dims past the tables pass unrotated.
+    rotated, rest = x[..., :dim], x[..., dim:]
+    return torch.cat((rotated * cos + _rotate_half(rotated) * sin, rest), dim=-1)
+
+
+def _attend(q, k, v, mask, scaling: float, softcap: float | None) -> torch.Tensor:
+    """Attention of q over k/v where `mask` is True (None: causal). Soft-capped logits take the
+    eager path that transformers takes for them (SDPA has no soft-capping)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class BatchDecoder:
     def __init__(self, model: nn.Module, pool: AdapterPool, max_rows: int, context_window: int):
-        check_supported(model, context_window)
+        check_supported(model.config, context_window)
         self.model = model
         self.pool = pool
         self.body = model.model
@@ -74,20 +75,32 @@ class BatchDecoder:
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.num_layers = len(self.body.layers)
-        attn = self.body.layers[0].self_attn
+        layer = self.body.layers[0]
+        attn = layer.self_attn
         self.head_dim = attn.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.groups = self.num_heads // self.num_kv_heads
         self.scaling = attn.scaling
+        self.fused_qkv = hasattr(attn, "qkv_proj")
+        self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        self.qk_norm = hasattr(attn, "q_norm")
+        # Gemma: norms after attention and around the MLP; else the norm before the MLP only.
+        self.sandwich_norms = hasattr(layer, "pre_feedforward_layernorm")
+        self.plans = layer_plans(model, context_window)
+        self.final_softcap = final_softcap(config)
         self.max_rows = _pow2(max_rows)
         self.context_window = context_window
-        # Rotary tables for every position, computed by the model's own rotary module.
+        # Rotary tables for every position of the context (no further: rope types whose tables
+        # change with the length see the length they serve), computed by the model's own rotary
+        # module, then padded to the positions that prefill padding reaches.
         self.arange = torch.arange(_pow2(context_window), device=self.device)
-        positions = self.arange[None]
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.body.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]
+        self.rotary = {}
+        for key, (cos, sin) in rotary_tables(model, self.arange[None, :context_window], probe).items():
+            padded = cos.new_zeros(2, len(self.arange), cos.shape[-1])
+            padded[0, :context_window], padded[1, :context_window] = cos[0], sin[0]
+            self.rotary[key] = padded
         self.use_graphs = self.device.type == "cuda"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_key = None
@@ -156,43 +169,72 @@ class BatchDecoder:
         (one token per row) attending to the row's cache columns [0, position]."""
         batch, length = tokens.shape
         x = self.body.embed_tokens(tokens)
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        if columns is not None:
-            visible = torch.arange(columns, device=self.device)[None] <= positions
-            visible = visible[:, None, None, :]  # (batch, 1, 1, columns)
-        for i, layer in enumerate(self.body.layers):
+        rotary = {key: table[:, positions].unsqueeze(2) for key, table in self.rotary.items()}
+        masks = self._masks(positions, columns)
+        for i, (layer, plan) in enumerate(zip(self.body.layers, self.plans, strict=True)):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = self._qkv(attn, layer.input_layernorm(x))
+            cos, sin = rotary[plan.rope]
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             self.k[i][rows[:, None], :, positions] = k.transpose(1, 2)
             self.v[i][rows[:, None], :, positions] = v.transpose(1, 2)
+            mask = masks.get(plan.window)
             if columns is None:
                 k = k[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(q.shape)
                 v = v[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(q.shape)
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+                o = _attend(q, k, v, mask, self.scaling, plan.softcap)
                 o = o.transpose(1, 2).reshape(batch, length, -1)
             else:
                 # One query per row: the query heads of one KV head stand in for query positions.
                 q = q.reshape(batch, self.num_kv_heads, self.groups, self.head_dim)
-                o = F.scaled_dot_product_attention(
-                    q,
-                    self.k[i][:batch, :, :columns],
-                    self.v[i][:batch, :, :columns],
-                    attn_mask=visible,
-                    scale=self.scaling,
-                )
-                o = o.reshape(batch, 1, -1)
-            x = x + attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                k, v = self.k[i][:batch, :, :columns], self.v[i][:batch, :, :columns]
+                o = _attend(q, k, v, mask, self.scaling, plan.softcap).reshape(batch, 1, -1)
+            o = attn.o_proj(o)
+            if self.sandwich_norms:
+                x = x + layer.post_attention_layernorm(o)
+                x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            else:
+                x = x + o
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
+
+    def _qkv(self, attn, h):
+        """Queries, keys and values of the normed hidden states h, (batch, heads, tokens, head_dim)."""
+        batch, length = h.shape[:2]
+        if self.fused_qkv:
+            q, k, v = attn.qkv_proj(h).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _masks(self, positions, columns: int | None) -> dict:
+        """Which keys each query sees, (batch, 1, queries, keys), per window (None: causal only),
+        for the layers that need a mask: all of them in a decode step (its keys are cache
+        columns); in prefill (keys: the prompt's tokens) sliding or soft-capped ones, leaving
+        plain causal layers SDPA's own causal kernel."""
+        if columns is None:
+            # Every prefill row sits at positions 0..length-1: one mask serves them all.
+            positions, keys = positions[:1], self.arange[: positions.shape[1]]
+            windows = {p.window for p in self.plans if p.window is not None or p.softcap is not None}
+        else:
+            keys = self.arange[:columns]
+            windows = {p.window for p in self.plans}
+        query = positions[:, None, :, None]
+        masks = {}
+        for window in windows:
+            visible = keys <= query
+            masks[window] = visible if window is None else visible & (keys > query - window)
+        return masks
 
     def _head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model.lm_head(self.body.norm(hidden))
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits, logits.argmax(dim=-1)
 
     def prefill(self, first_row: int, prompts: list[list[int]], slots: list[int]):

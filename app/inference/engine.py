@@ -171,9 +171,9 @@ class Engine:
     # --- Engine thread ---
 
     def _load_model(self) -> None:
-        model = AutoModelForCausalLM.from_pretrained(
-            self.base_dir, dtype=self.dtype, attn_implementation="sdpa"
-        )
+        # No attn_implementation: the decoder computes attention itself, and asking for "sdpa"
+        # refuses families that lack it (Gemma 2).
+        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         # Rank 16 (the trainer's default) from the start: loading such adapters reallocates nothing.
         pool = AdapterPool(self.model, self.settings.gpu_adapter_slots, self.device, rank=16)

@@ -1,0 +1,252 @@
+"""Every served model family against transformers: a tiny random model of each family, built here
+(no hub), is served by the engine in one mixed batch (the base model and adapters of different
+ranks and targets), and each request's greedy tokens must equal transformers' `generate` with its
+PEFT adapter. The Mistral, Qwen2 and Gemma configs slide windows shorter than prompt + generation;
+the Gemma ones set soft-capping."""
+
+import asyncio
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from app.core.adapter_files import AdapterFileError, check_adapter_dir
+from app.core.artifacts import write_manifest
+from app.core.settings import Settings
+from app.inference.decoder import BatchDecoder
+from app.inference.engine import Engine
+from app.inference.families import UnsupportedModel, check_supported
+from app.inference.lora import AdapterPool
+from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
+
+CONTEXT = 64
+NEW_TOKENS = 12
+WINDOW = 8
+PROMPTS = [
+    "The weather today is",
+    "In a small village at the edge of a great forest there lived an old clockmaker who",
+    "def fibonacci(n):",
+]
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    initializer_range=0.05,
+)
+FAMILIES = {
+    "llama": dict(
+        model_type="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "mistral": dict(model_type="mistral", sliding_window=WINDOW),
+    # Layer 0 full, layer 1 sliding; biased q/k/v projections.
+    "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3": dict(model_type="qwen3"),
+    "gemma2": dict(
+        model_type="gemma2",
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+    ),
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24,
+        final_logit_softcapping=5.0,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+        },
+    ),
+    "phi3": dict(model_type="phi3"),
+    # Phi-3.5 / Phi-4-mini style: longrope (served within its original length), partial rotary.
+    "phi3_longrope": dict(
+        model_type="phi3",
+        partial_rotary_factor=0.5,
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.5, 2.0, 2.5],
+            "long_factor": [4.0, 4.0, 8.0, 8.0],
+        },
+        original_max_position_embeddings=CONTEXT,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_model_dir):
+    return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def base_dir(request, tokenizer, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bases") / f"tiny-{request.param}"
+    build_base(request.param, directory, tokenizer)
+    return directory
+
+
+def tiny_config(family: str, tokenizer):
+    spec = dict(FAMILIES[family])
+    return AutoConfig.for_model(
+        spec.pop("model_type"),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SHAPE,
+        **spec,
+    )
+
+
+def build_base(family: str, directory, tokenizer) -> None:
+    """A tiny random model of `family` with the embedded model's tokenizer, saved to `directory`.
+    Its norm weights are randomised too, so that a norm in the wrong place shows."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tokenizer), dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def linear_names(model: nn.Module, block: str) -> list[str]:
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and block in n}
+    )
+
+
+def write_adapters(base_dir, root) -> list[AdapterRef]:
+    """Three PEFT adapters of different ranks and targets, as peft saves them (random, nonzero B)."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    specs = [
+        dict(r=8, lora_alpha=16, target_modules="all-linear"),
+        dict(r=4, lora_alpha=8, target_modules=linear_names(model, ".self_attn.")),
+        dict(r=16, lora_alpha=16, target_modules=linear_names(model, ".mlp."), use_rslora=True),
+    ]
+    refs = []
+    for i, spec in enumerate(specs):
+        torch.manual_seed(10 + i)
+        peft = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base_dir),
+            LoraConfig(**spec, init_lora_weights=False, task_type="CAUSAL_LM"),
+        )
+        directory = root / f"adapter{i}"
+        peft.save_pretrained(directory, safe_serialization=True)
+        refs.append(AdapterRef(write_manifest(directory, base_model=base_dir.name), directory))
+    return refs
+
+
+def transformers_greedy(base_dir, ids: list[int], ref: AdapterRef | None) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    if ref is not None:
+        model = PeftModel.from_pretrained(model, ref.adapter_dir)
+    prompt = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def engine_texts(base_dir, data_dir, requests: list[tuple[list[int], AdapterRef | None]]) -> list[str]:
+    """The engine's greedy texts for all requests, submitted together (one mixed batch)."""
+    settings = Settings(
+        data_dir=data_dir,
+        device="cpu",
+        base_models={base_dir.name: base_dir},
+        serve_base_model=base_dir.name,
+        gpu_adapter_slots=3,
+        cpu_adapter_cache=3,
+        max_context_tokens=CONTEXT,
+    )
+    engine = Engine(settings)
+    engine.start()
+
+    async def generate(ids, ref):
+        params = SamplingParams(NEW_TOKENS, temperature=0.0)
+        stream = engine.submit(GenerationRequest("test", ids, params, ref))
+        text = ""
+        while not isinstance(event := await stream.get(), Completion):
+            if isinstance(event, Failure):
+                raise event.error
+            text += event.text
+        return text
+
+    async def all_requests():
+        return await asyncio.gather(*(generate(ids, ref) for ids, ref in requests))
+
+    try:
+        return asyncio.run(all_requests())
+    finally:
+        engine.stop()
+
+
+@pytest.mark.slow
+def test_engine_greedy_tokens_equal_transformers_with_peft(base_dir, tokenizer, tmp_path):
+    refs = write_adapters(base_dir, tmp_path)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    assert max(len(ids) for ids in prompts) + NEW_TOKENS > 2 * WINDOW
+    # The first two share a prompt: the adapter must change the output.
+    requests = list(zip([prompts[0], *prompts[:3]], [None, *refs], strict=True))
+
+    expected = [tokenizer.decode(transformers_greedy(base_dir, ids, ref)) for ids, ref in requests]
+    assert expected[0] != expected[1]
+    assert engine_texts(base_dir, tmp_path / "data", requests) == expected
+
+
+def test_prefill_logits_equal_transformers(base_dir, tokenizer):
+    """The logits themselves, not only their argmax: final soft-capping shows here."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    with torch.inference_mode():
+        last = [model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0] for ids in prompts]
+        expected = torch.cat(last)
+        decoder = BatchDecoder(model, AdapterPool(model, 1, torch.device("cpu")), 4, CONTEXT)
+        logits, _ = decoder.prefill(0, prompts, [0] * len(prompts))
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_phi3_targets_are_checked_against_the_fused_base_layers(tokenizer, tmp_path):
+    base_dir = tmp_path / "tiny-phi3"
+    build_base("phi3", base_dir, tokenizer)
+    ref = write_adapters(base_dir, tmp_path)[0]
+    specs = check_adapter_dir(ref.adapter_dir, base_dir)
+    assert {name.rsplit(".", 1)[-1] for name in specs} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+    # B of the query part only, as if the adapter were trained on a model with a separate q_proj.
+    weights = ref.adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"
+    tensors[name] = tensors[name][: SHAPE["num_attention_heads"] * SHAPE["head_dim"]].contiguous()
+    save_file(tensors, weights)
+    with pytest.raises(AdapterFileError, match="qkv_proj: LoRA shapes"):
+        check_adapter_dir(ref.adapter_dir, base_dir)
+
+
+def test_unsupported_models_are_refused_saying_what_is_supported(tokenizer):
+    with pytest.raises(UnsupportedModel, match=r"the gpt2 model family; supported: llama, mistral.*phi3"):
+        check_supported(AutoConfig.for_model("gpt2"), CONTEXT)
+    longrope = tiny_config("phi3_longrope", tokenizer)
+    check_supported(longrope, CONTEXT)
+    with pytest.raises(UnsupportedModel, match="longrope is served only up to 64 tokens"):
+        check_supported(longrope, 2 * CONTEXT)
