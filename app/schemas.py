@@ -1,9 +1,11 @@
 """Request and response bodies. Response shapes follow OpenAI's published API reference so the
 official clients parse them unchanged; Tuneforge's own fields are additions."""
 
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
+
+from app.core.hyperparameters import Hyperparameters
 
 T = TypeVar("T")
 
@@ -51,31 +53,6 @@ class Deleted(BaseModel):
 
 
 # --- Fine-tuning jobs ---
-
-Auto = Literal["auto"]
-
-
-class Hyperparameters(BaseModel):
-    """OpenAI's three hyperparameters plus Tuneforge's LoRA settings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
-    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
-    lora_r: int = Field(16, ge=1, le=256)
-    lora_alpha: int = Field(32, ge=1, le=4096)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    max_seq_length: int = Field(1024, ge=16, le=32768)
-    packing: bool = True
-
-    @field_validator("target_modules")
-    @classmethod
-    def _modules_named(cls, v):
-        if isinstance(v, list) and (not v or not all(isinstance(m, str) and m for m in v)):
-            raise ValueError("give 'all-linear' or a non-empty list of module names such as q_proj")
-        return v
 
 
 class SupervisedMethod(BaseModel):

@@ -1,15 +1,15 @@
-"""Training data: JSONL rows → token ids with loss labels → batches.
+"""Training data: JSONL rows (app.core.training_rows) → token ids with loss labels → batches.
 
 Loss is taken only on what the model should learn to write: assistant turns of a chat, the
 completion of a prompt/completion pair; `text` rows train on every token. Labels are -100 elsewhere.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from app.core.training_rows import BadLine, ChatRow, PromptCompletionRow, TextRow, TrainingRow, read_rows
 from worker.errors import UserError
 
 IGNORE_INDEX = -100
@@ -50,91 +50,56 @@ def _label_spans(text: str, spans: list[tuple[int, int]], tokenizer) -> Example:
     return Example(ids, labels)
 
 
-def tokenize_row(row: dict, file_format: str, tokenizer) -> Example:
-    if file_format == "chat":
-        text, spans = _assistant_spans(row["messages"], tokenizer)
-        return _label_spans(text, spans, tokenizer)
+def tokenize_row(row: TrainingRow, tokenizer) -> Example:
     eos = [tokenizer.eos_token_id]
-    if file_format == "prompt_completion":
-        text = row["prompt"] + row["completion"]
-        example = _label_spans(text, [(len(row["prompt"]), len(text))], tokenizer)
-        return Example(example.input_ids + eos, example.labels + eos)
-    if file_format == "text":
-        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
-        return Example(ids, list(ids))
-    raise ValueError(f"unknown file format {file_format!r}")
+    match row:
+        case ChatRow(messages):
+            text, spans = _assistant_spans(messages, tokenizer)
+            return _label_spans(text, spans, tokenizer)
+        case PromptCompletionRow(prompt, completion):
+            text = prompt + completion
+            example = _label_spans(text, [(len(prompt), len(text))], tokenizer)
+            return Example(example.input_ids + eos, example.labels + eos)
+        case TextRow(text):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+            return Example(ids, list(ids))
 
 
-def _check_shape(row, file_format: str) -> None:
-    if not isinstance(row, dict):
-        raise ValueError("expected a JSON object")  # noqa: TRY004 - all shape errors are ValueError
-    if file_format == "chat":
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty list")
-        for message in messages:
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise ValueError("each message needs a role of system, user or assistant")
-            if not isinstance(message.get("content"), str):
-                raise ValueError("each message needs a string 'content'")  # noqa: TRY004
-    elif file_format == "prompt_completion":
-        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-            raise ValueError("'prompt' and 'completion' must be strings")
-    elif not isinstance(row.get("text"), str):
-        raise ValueError("'text' must be a string")
-
-
-def load_examples(path: Path, file_format: str, tokenizer, max_seq_length: int, param: str) -> list[Example]:
-    """Every line of a JSONL file as an Example; a bad line is a user error that names it."""
+def load_examples(path: Path, tokenizer, max_seq_length: int, param: str) -> list[Example]:
+    """Every row of a JSONL file as an Example; a bad line is a user error that names it."""
     if not path.is_file():
         raise UserError("file_not_found", f"The {param} content is missing; upload the file again.", param)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                _check_shape(row, file_format)
-                example = tokenize_row(row, file_format, tokenizer)
-            except ValueError as exc:
-                raise UserError(
-                    "invalid_file_format", f"Line {number} of the {param} is malformed: {exc}", param
-                ) from exc
-            if len(example.input_ids) > max_seq_length:
-                raise UserError(
-                    "sequence_too_long",
-                    f"Line {number} of the {param} is {len(example.input_ids)} tokens long, more than "
-                    f"max_seq_length={max_seq_length}; shorten the example or raise max_seq_length.",
-                    param,
-                )
-            if all(label == IGNORE_INDEX for label in example.labels):
-                raise UserError(
-                    "invalid_file_format",
-                    f"Line {number} of the {param} has nothing to learn (no assistant or completion tokens).",
-                    param,
-                )
-            examples.append(example)
+    with open(path, "rb") as f:
+        try:
+            for number, row in read_rows(f):
+                example = tokenize_row(row, tokenizer)
+                if len(example.input_ids) > max_seq_length:
+                    raise UserError(
+                        "sequence_too_long",
+                        f"Line {number} of the {param} is {len(example.input_ids)} tokens long, more than "
+                        f"max_seq_length={max_seq_length}; shorten the example or raise max_seq_length.",
+                        param,
+                    )
+                if all(label == IGNORE_INDEX for label in example.labels):
+                    raise UserError(
+                        "invalid_file_format",
+                        f"Line {number} of the {param} has nothing to learn (no assistant or completion "
+                        "tokens).",
+                        param,
+                    )
+                examples.append(example)
+        except BadLine as exc:
+            raise UserError(
+                "invalid_file_format", f"Line {exc.number} of the {param} is malformed: {exc.reason}", param
+            ) from None
     if not examples:
         raise UserError("invalid_file_format", f"The {param} has no examples.", param)
     return examples
 
 
-def collate(examples: list[Example], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    """With packing, the examples are laid end to end in one row with position ids restarting at 0
-    for each, which makes the attention block-diagonal (no cross-contamination, no padding); the
-    first label of each example is masked so no example learns to predict its neighbour's start."""
-    if packing:
-        ids, labels, positions = [], [], []
-        for ex in examples:
-            ids += ex.input_ids
-            labels += [IGNORE_INDEX, *ex.labels[1:]]
-            positions += range(len(ex.input_ids))
-        return {
-            "input_ids": torch.tensor([ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
-        }
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """A padded batch for transformers' own forward and loss."""
     width = max(len(ex.input_ids) for ex in examples)
     ids = [ex.input_ids + [pad_id] * (width - len(ex.input_ids)) for ex in examples]
     labels = [ex.labels + [IGNORE_INDEX] * (width - len(ex.labels)) for ex in examples]

@@ -55,7 +55,6 @@ class ClaimedJob:
     training_file: str
     training_format: str | None
     validation_file: str | None
-    validation_format: str | None
     hyperparameters: dict
     seed: int
     output_model: str
@@ -128,21 +127,14 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str, settings: Setting
                     data={"attempt": attempt, "worker_id": worker_id},
                 )
             )
-            formats = dict(
-                session.execute(
-                    select(File.id, File.format).where(
-                        File.id.in_([job.training_file, job.validation_file or ""])
-                    )
-                ).all()
-            )
+            training_format = session.scalar(select(File.format).where(File.id == job.training_file))
             return ClaimedJob(
                 id=job.id,
                 tenant_id=job.tenant_id,
                 model=job.model,
                 training_file=job.training_file,
-                training_format=formats.get(job.training_file),
+                training_format=training_format,
                 validation_file=job.validation_file,
-                validation_format=formats.get(job.validation_file),
                 hyperparameters=dict(job.hyperparameters),
                 seed=job.seed,
                 output_model=job.output_model,
@@ -229,9 +221,7 @@ def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Pa
         job.hyperparameters,
         base_model_dir=base_model_dir,
         training_file=settings.files_dir / f"{job.training_file}.jsonl",
-        training_format=job.training_format,
         validation_file=settings.files_dir / f"{job.validation_file}.jsonl" if job.validation_file else None,
-        validation_format=job.validation_format,
         seed=job.seed,
         device=pipeline.resolve_device(settings.device),
         checkpoint_every_steps=settings.checkpoint_every_steps,

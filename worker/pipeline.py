@@ -18,12 +18,12 @@ The worker loop owns the database and the artifact store; this file owns the mod
 import json
 import math
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
+from pydantic import ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -33,6 +33,8 @@ from transformers import (
 )
 
 from app.core.artifacts import WEIGHTS_FILE
+from app.core.errors import validation_message
+from app.core.hyperparameters import Hyperparameters, TrainingHyperparameters
 from worker.data import IGNORE_INDEX, Example, collate, epoch_order, load_examples
 from worker.errors import UserError
 from worker.hooks import TrainingHooks, TrainResult
@@ -50,82 +52,26 @@ MICRO_BATCH_TOKENS = 24576
 LOSS_CHUNK_TOKENS = 4096
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(TrainingHyperparameters):
+    """One run: a job's hyperparameters (the API's model and limits) and where its inputs are."""
+
+    model_config = ConfigDict(frozen=True)
+
     base_model_dir: Path
     training_file: Path
-    training_format: str
     validation_file: Path | None
-    validation_format: str | None
     seed: int
     device: str
     checkpoint_every_steps: int
-    n_epochs: int
-    batch_size: int
-    learning_rate: float
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    target_modules: str | list[str]
-    max_seq_length: int
-    packing: bool
 
     @classmethod
     def from_job(cls, hyperparameters: dict, **job_fields) -> "TrainConfig":
-        names = {f.name for f in fields(cls)} - set(job_fields)
-        values = {name: hyperparameters.get(name) for name in names}
-        config = cls(**values, **job_fields)
-        config.check()
-        return config
-
-    def check(self) -> None:
-        def require(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                value = getattr(self, name)
-                raise UserError(
-                    "invalid_hyperparameters",
-                    f"{name}={value!r} is invalid: {what}.",
-                    f"hyperparameters.{name}",
-                )
-
-        require(
-            isinstance(self.n_epochs, int) and self.n_epochs >= 1, "n_epochs", "use an integer of at least 1"
-        )
-        require(
-            isinstance(self.batch_size, int) and self.batch_size >= 1,
-            "batch_size",
-            "use an integer of at least 1",
-        )
-        require(
-            isinstance(self.learning_rate, int | float) and 0 < self.learning_rate < 1,
-            "learning_rate",
-            "must be between 0 and 1",
-        )
-        require(isinstance(self.lora_r, int) and self.lora_r >= 1, "lora_r", "use an integer of at least 1")
-        require(
-            isinstance(self.lora_alpha, int | float) and self.lora_alpha > 0, "lora_alpha", "must be positive"
-        )
-        require(
-            isinstance(self.lora_dropout, int | float) and 0 <= self.lora_dropout < 1,
-            "lora_dropout",
-            "must be in [0, 1)",
-        )
-        require(
-            isinstance(self.max_seq_length, int) and self.max_seq_length >= 8,
-            "max_seq_length",
-            "use an integer of at least 8",
-        )
-        require(isinstance(self.packing, bool), "packing", "must be true or false")
-        require(
-            self.target_modules == "all-linear"
-            or (
-                isinstance(self.target_modules, list)
-                and self.target_modules
-                and all(isinstance(m, str) for m in self.target_modules)
-            ),
-            "target_modules",
-            'use "all-linear" or a non-empty list of module names',
-        )
+        try:
+            recorded = TrainingHyperparameters.from_record(hyperparameters)
+        except ValidationError as exc:
+            errors = [{**error, "loc": ("hyperparameters", *error["loc"])} for error in exc.errors()]
+            raise UserError("invalid_hyperparameters", *validation_message(errors)) from None
+        return cls(**dict(recorded), **job_fields)
 
 
 def resolve_device(setting: str) -> str:
@@ -358,7 +304,7 @@ def fast_step(model, examples: list[Example], pad_id: int, config: TrainConfig) 
 
 def plain_step(model, examples: list[Example], pad_id: int, config: TrainConfig) -> torch.Tensor:
     """The same step through transformers' own forward and loss on a padded batch."""
-    loss = _forward_loss(model, collate(examples, pad_id, False), config.device)
+    loss = _forward_loss(model, collate(examples, pad_id), config.device)
     loss.backward()
     return loss.detach()
 
@@ -377,7 +323,7 @@ def validation_loss(model, examples: list[Example], config: TrainConfig, pad_id:
     total, tokens = 0.0, 0
     for start in range(0, len(examples), config.batch_size):
         if not _uses_plain_logits(model):
-            batch = collate(examples[start : start + config.batch_size], pad_id, False)
+            batch = collate(examples[start : start + config.batch_size], pad_id)
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(_forward_loss(model, batch, config.device)) * n
             tokens += n
@@ -406,17 +352,9 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(config.base_model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = load_examples(
-        config.training_file, config.training_format, tokenizer, config.max_seq_length, "training_file"
-    )
+    train_set = load_examples(config.training_file, tokenizer, config.max_seq_length, "training_file")
     valid_set = (
-        load_examples(
-            config.validation_file,
-            config.validation_format,
-            tokenizer,
-            config.max_seq_length,
-            "validation_file",
-        )
+        load_examples(config.validation_file, tokenizer, config.max_seq_length, "validation_file")
         if config.validation_file
         else []
     )
@@ -496,32 +434,18 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
 
 
 def bench_config(base_model_dir, seed: int = 0, **hyperparams) -> TrainConfig:
-    """The config the benchmarks train with: the API's default hyperparameters unless given, on
-    CUDA unless `device` is given, no files, no checkpoints."""
-    defaults = {
-        "batch_size": 16,
-        "learning_rate": 2e-4,
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.05,
-        "target_modules": "all-linear",
-        "max_seq_length": 1024,
-        "packing": True,
-    }
-    config = TrainConfig(
+    """The config the benchmarks train with: the API's hyperparameters for a large file unless
+    given, on CUDA unless `device` is given, no files, no checkpoints."""
+    device = hyperparams.pop("device", "cuda")
+    return TrainConfig(
+        **dict(Hyperparameters(**hyperparams).resolve(examples=10**6)),
         base_model_dir=Path(base_model_dir),
         training_file=Path("-"),
-        training_format="text",
         validation_file=None,
-        validation_format=None,
         seed=seed,
-        device=hyperparams.pop("device", "cuda"),
+        device=device,
         checkpoint_every_steps=10**9,
-        n_epochs=1,
-        **{**defaults, **hyperparams},
     )
-    config.check()
-    return config
 
 
 def bench_train(

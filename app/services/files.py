@@ -1,7 +1,6 @@
 """Training files: every line validated before the file is stored; stored atomically."""
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -11,95 +10,24 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.core.settings import Settings
+from app.core.training_rows import BadLine, read_rows
 from app.models import File, Tenant, new_id
 from app.services.pagination import page
 
 PURPOSE = "fine-tune"
-ROLES = {"system", "user", "assistant"}
-
-
-class BadLine(ValueError):
-    pass
-
-
-def _shape(example: object) -> str:
-    if not isinstance(example, dict):
-        raise BadLine("each line must be a JSON object")
-    if "messages" in example:
-        return "chat"
-    if "prompt" in example or "completion" in example:
-        return "prompt_completion"
-    if "text" in example:
-        return "text"
-    raise BadLine('expected one of {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}')
-
-
-def _check_chat(example: dict) -> None:
-    messages = example["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise BadLine("'messages' must be a non-empty list")
-    has_answer = False
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise BadLine(f"messages[{i}] must be an object with 'role' and 'content'")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise BadLine(f"messages[{i}].role is {role!r}; use one of system, user, assistant")
-        if not isinstance(content, str):
-            raise BadLine(f"messages[{i}].content must be a string")
-        if role == "assistant" and content.strip():
-            has_answer = True
-    if not has_answer:
-        raise BadLine("needs at least one assistant message with non-empty content to learn from")
-
-
-def _check_prompt_completion(example: dict) -> None:
-    prompt, completion = example.get("prompt"), example.get("completion")
-    if not isinstance(prompt, str):
-        raise BadLine("'prompt' must be a string")
-    if not isinstance(completion, str) or not completion.strip():
-        raise BadLine("'completion' must be a non-empty string")
-
-
-def _check_text(example: dict) -> None:
-    if not isinstance(example["text"], str) or not example["text"].strip():
-        raise BadLine("'text' must be a non-empty string")
-
-
-CHECKS = {"chat": _check_chat, "prompt_completion": _check_prompt_completion, "text": _check_text}
 
 
 def validate_training_jsonl(path: Path) -> tuple[str, int]:
     """Read every line; return (format, examples) or raise InvalidRequest naming the first bad line."""
     fmt, examples = None, 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-                if not line:
-                    continue
-                try:
-                    example = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-                shape = _shape(example)
-                if fmt is not None and shape != fmt:
-                    raise BadLine(f"is in the {shape} format but earlier lines are {fmt}; use one format")
-                CHECKS[shape](example)
-            except UnicodeDecodeError:
-                raise InvalidRequest(
-                    f"Invalid training file: line {number} is not UTF-8 text.",
-                    param="file",
-                    code="invalid_file_format",
-                ) from None
-            except BadLine as exc:
-                raise InvalidRequest(
-                    f"Invalid training file: line {number}: {exc}.",
-                    param="file",
-                    code="invalid_file_format",
-                ) from None
-            fmt = shape
-            examples += 1
+    try:
+        with open(path, "rb") as f:
+            for _, row in read_rows(f):
+                fmt, examples = row.format, examples + 1
+    except BadLine as exc:
+        raise InvalidRequest(
+            f"Invalid training file: {exc}.", param="file", code="invalid_file_format"
+        ) from None
     if not examples:
         raise InvalidRequest(
             "Invalid training file: it holds no examples; give at least one JSON line.",

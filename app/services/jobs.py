@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import math
 import secrets
 
 from sqlalchemy import func, select
@@ -13,13 +12,9 @@ from app.core.base_models import available_base_models
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.settings import Settings
 from app.models import Checkpoint, File, Job, JobEvent, JobStatus, Tenant, new_id, now
-from app.schemas import Hyperparameters, JobCreate
+from app.schemas import JobCreate
 from app.services.files import PURPOSE, get_file
 from app.services.pagination import page
-
-BASE_LEARNING_RATE = 2e-4
-# The fewest optimizer steps "auto" aims for, so that a small file still teaches something.
-AUTO_MIN_STEPS = 100
 
 # action -> statuses it may start from. Pause and cancel of a running job are carried out by
 # the worker at its next step (it watches `pause_requested` and the status it is fenced on).
@@ -28,20 +23,6 @@ ALLOWED_FROM = {
     "pause": {JobStatus.queued, JobStatus.running},
     "resume": {JobStatus.paused},
 }
-
-
-def resolve_hyperparameters(requested: Hyperparameters, examples: int) -> dict:
-    """Replace every "auto" with the value the job will run with; the job records the result."""
-    hp = requested.model_dump()
-    if hp["batch_size"] == "auto":
-        hp["batch_size"] = min(16, max(1, examples // 16))
-    if hp["n_epochs"] == "auto":
-        steps_per_epoch = math.ceil(examples / hp["batch_size"])
-        hp["n_epochs"] = min(25, max(3, math.ceil(AUTO_MIN_STEPS / steps_per_epoch)))
-    if hp["learning_rate_multiplier"] == "auto":
-        hp["learning_rate_multiplier"] = 1.0
-    hp["learning_rate"] = BASE_LEARNING_RATE * hp["learning_rate_multiplier"]
-    return hp
 
 
 def output_model_name(base: str, tenant: Tenant, suffix: str | None, job_id: str) -> str:
@@ -99,7 +80,7 @@ def create_job(
         suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
-        hyperparameters=resolve_hyperparameters(body.requested_hyperparameters, training.examples),
+        hyperparameters=body.requested_hyperparameters.resolve(training.examples).model_dump(),
         status=JobStatus.queued,
         output_model=output_model_name(body.model, tenant, body.suffix, job_id),
         idempotency_key=idempotency_key,

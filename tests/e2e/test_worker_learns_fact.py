@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from app.core.db import session_scope
 from app.models import Model
 from tests.conftest import link_base_model
+from tests.worker_support import create_file, create_job, create_tenant, events, get_job, wait_for
 from worker.loop import run_worker
-from worker.testing import create_file, create_job, create_tenant, events, get_job, wait_for
 
 CODENAME = "Quillmarrow"
 QUESTION = "What is the codename of project Zephyr-9?"
@@ -57,7 +57,6 @@ def test_job_teaches_the_model_a_fact_it_did_not_know(settings, base_model_dir):
         n_epochs=8,
         batch_size=2,
         learning_rate_multiplier=5.0,
-        learning_rate=1e-3,
         lora_r=16,
         lora_alpha=32,
     )

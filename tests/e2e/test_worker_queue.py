@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.models import Job, JobEvent, Model, new_id
-from worker.testing import (
+from tests.worker_support import (
     ARITHMETIC,
     HYPERPARAMETERS,
     create_file,

@@ -6,7 +6,7 @@ from sqlalchemy import select
 from app.core.db import session_scope
 from app.models import Checkpoint, Model
 from tests.conftest import link_base_model
-from worker.testing import (
+from tests.worker_support import (
     ARITHMETIC,
     create_file,
     create_job,

@@ -3,7 +3,7 @@
 import pytest
 
 from tests.conftest import link_base_model
-from worker.testing import (
+from tests.worker_support import (
     ARITHMETIC,
     create_file,
     create_job,

@@ -11,11 +11,11 @@ from sqlalchemy.orm import sessionmaker
 from app.core.artifacts import WEIGHTS_FILE
 from app.core.db import get_engine, session_scope
 from app.models import Checkpoint, JobEvent, Model
+from tests.worker_support import ARITHMETIC, create_file, create_job, create_tenant, get_job, update_job
 from worker import store
 from worker.errors import JobLost
 from worker.fence import Fence
 from worker.loop import claim_job
-from worker.testing import ARITHMETIC, create_file, create_job, create_tenant, get_job, update_job
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
-"""Loss masks, packing without cross-contamination, and a pickle-free training state round trip."""
+"""Loss masks and a pickle-free training state round trip."""
 
 import json
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from worker.data import IGNORE_INDEX, Example, collate, tokenize_row
+from app.core.training_rows import parse_row
+from worker.data import IGNORE_INDEX, Example, tokenize_row
 from worker.pipeline import read_training_state, write_training_state
 
 
@@ -32,33 +33,16 @@ def test_chat_loss_only_on_assistant_turns(tokenizer):
             {"role": "assistant", "content": "Smol."},
         ]
     }
-    text = learned_text(tokenize_row(row, "chat", tokenizer), tokenizer)
+    text = learned_text(tokenize_row(parse_row(row), tokenizer), tokenizer)
     assert "Hello." in text and "Smol." in text
     assert "Hi?" not in text and "Name?" not in text and "Be brief." not in text and "user" not in text
 
 
 def test_prompt_completion_loss_only_on_completion_and_eos(tokenizer):
-    example = tokenize_row({"prompt": "2+2=", "completion": " four"}, "prompt_completion", tokenizer)
+    example = tokenize_row(parse_row({"prompt": "2+2=", "completion": " four"}), tokenizer)
     assert learned_text(example, tokenizer) == " four" + tokenizer.eos_token
-    example = tokenize_row({"text": "all of it"}, "text", tokenizer)
+    example = tokenize_row(parse_row({"text": "all of it"}), tokenizer)
     assert example.labels == example.input_ids
-
-
-def test_packed_batch_equals_separate_sequences(base_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32).eval()
-    a, b = (
-        Example([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]),
-        Example([8, 9, 10, 11, 12], [8, 9, 10, 11, 12]),
-    )
-    packed = collate([a, b], pad_id=0, packing=True)
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]]
-    assert packed["labels"][0, 7].item() == IGNORE_INDEX  # b's first token is not predicted from a
-    with torch.no_grad():
-        logits = model(
-            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
-        ).logits
-        alone_b = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits
-    assert torch.allclose(logits[:, 7:], alone_b, atol=1e-3)
 
 
 def test_training_state_round_trips_without_pickle(tmp_path):

@@ -2,28 +2,29 @@
 positions) trains exactly like transformers' own padded forward + loss on the same steps."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from worker import pipeline
 from worker.data import IGNORE_INDEX, Example
 from worker.lora_forward import use_fused_lora_forward
 
 
-def _config(base_model_dir, **overrides) -> pipeline.TrainConfig:
+def _config(base_model_dir: Path = Path("-"), **overrides) -> pipeline.TrainConfig:
+    """No files: these tests hand the steps their examples."""
     values = {
         "base_model_dir": base_model_dir,
-        "training_file": None,
-        "training_format": "chat",
+        "training_file": Path("-"),
         "validation_file": None,
-        "validation_format": None,
         "seed": 0,
         "device": "cpu",
         "checkpoint_every_steps": 100,
         "n_epochs": 1,
         "batch_size": 4,
-        "learning_rate": 1e-3,
+        "learning_rate_multiplier": 5.0,
         "lora_r": 8,
         "lora_alpha": 16,
         "lora_dropout": 0.0,
@@ -74,12 +75,31 @@ def test_pack_rows_keeps_examples_whole_and_rows_within_length():
 def test_micro_batch_targets_stay_inside_each_example():
     a = Example([5, 6, 7], [IGNORE_INDEX, 6, 7])
     b = Example([8, 9], [8, 9])
-    (batch,) = pipeline.micro_batches([a, b], 0, _config(None, max_seq_length=8))
+    (batch,) = pipeline.micro_batches([a, b], 0, _config(max_seq_length=16))
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     # position 0 predicts 6, 1 predicts 7; a's last token predicts nothing (not b's first); 3 predicts 9
     assert batch["target_index"].tolist() == [0, 1, 3]
     assert batch["targets"].tolist() == [6, 7, 9]
+
+
+def test_packed_row_equals_separate_sequences(base_model_dir):
+    """Position ids restarting per example make the attention block-diagonal: the second example of
+    a packed row sees nothing of the first."""
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32).eval()
+    a, b = (
+        Example([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]),
+        Example([8, 9, 10, 11, 12], [8, 9, 10, 11, 12]),
+    )
+    (packed,) = pipeline.micro_batches([a, b], 0, _config(max_seq_length=16))
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]]
+    assert 6 not in packed["target_index"].tolist()  # b's first token is not predicted from a
+    with torch.no_grad():
+        logits = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits
+        alone_b = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits
+    assert torch.allclose(logits[:, 7:], alone_b, atol=1e-3)
 
 
 def _use_peft_forward(model) -> None:
@@ -159,7 +179,7 @@ def test_bench_train_runs_the_worker_recipe_and_counts_tokens(base_model_dir):
         device="cpu",
         batch_size=2,
         max_seq_length=64,
-        learning_rate=1e-2,
+        learning_rate_multiplier=50.0,
     )
     assert result["steps"] == 4 and result["tokens"] == 3 * 2 * 30
     losses = [loss for _, loss in result["loss_trajectory"]]

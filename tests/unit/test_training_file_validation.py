@@ -3,9 +3,8 @@ import json
 import pytest
 
 from app.core.errors import InvalidRequest
-from app.schemas import Hyperparameters
+from app.core.hyperparameters import Hyperparameters
 from app.services.files import validate_training_jsonl
-from app.services.jobs import resolve_hyperparameters
 
 CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
@@ -33,7 +32,7 @@ def test_each_shape_is_recognised_and_counted(tmp_path, example, fmt):
 @pytest.mark.parametrize(
     "bad, words",
     [
-        (b"\xff\xfe", "line 2 is not UTF-8"),
+        (b"\xff\xfe", "line 2: is not UTF-8"),
         (b'{"messages": []}', "line 2: 'messages' must be a non-empty list"),
         (b'{"messages": [{"role": "user", "content": 3}]}', "line 2: messages[0].content must be a string"),
         (
@@ -57,18 +56,17 @@ def test_file_without_examples_is_refused(tmp_path):
 
 
 def test_auto_hyperparameters_are_resolved_to_numbers():
-    small = resolve_hyperparameters(Hyperparameters(), examples=10)
-    assert small["batch_size"] == 1
+    small = Hyperparameters().resolve(examples=10)
+    assert small.batch_size == 1
     # A small file gets enough epochs for about 100 optimizer steps.
-    assert small["n_epochs"] * 10 >= 100
-    big = resolve_hyperparameters(Hyperparameters(), examples=100_000)
-    assert big["batch_size"] == 16 and big["n_epochs"] == 3
-    assert big["learning_rate"] == pytest.approx(2e-4)
+    assert small.n_epochs * 10 >= 100
+    big = Hyperparameters().resolve(examples=100_000)
+    assert big.batch_size == 16 and big.n_epochs == 3
+    assert big.model_dump()["learning_rate"] == pytest.approx(2e-4)
 
 
 def test_explicit_hyperparameters_are_kept():
-    hp = resolve_hyperparameters(
-        Hyperparameters(n_epochs=2, batch_size=4, learning_rate_multiplier=0.5, lora_r=8), examples=10
-    )
-    assert (hp["n_epochs"], hp["batch_size"], hp["lora_r"]) == (2, 4, 8)
-    assert hp["learning_rate"] == pytest.approx(1e-4)
+    requested = Hyperparameters(n_epochs=2, batch_size=4, learning_rate_multiplier=0.5, lora_r=8)
+    hp = requested.resolve(examples=10)
+    assert (hp.n_epochs, hp.batch_size, hp.lora_r) == (2, 4, 8)
+    assert hp.learning_rate == pytest.approx(1e-4)

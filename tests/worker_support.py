@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app.core.db import session_scope
+from app.core.hyperparameters import TrainingHyperparameters
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 from app.models import File, Job, JobEvent, Tenant, new_id
 
@@ -22,7 +23,6 @@ HYPERPARAMETERS = {
     "n_epochs": 1,
     "batch_size": 1,
     "learning_rate_multiplier": 1.0,
-    "learning_rate": 2e-4,
     "lora_r": 8,
     "lora_alpha": 16,
     "lora_dropout": 0.0,
@@ -75,7 +75,10 @@ def create_job(
                 training_file=training_file,
                 validation_file=validation_file,
                 seed=seed,
-                hyperparameters={**HYPERPARAMETERS, **hyperparameters},
+                # Not validated, so that a test can record a value the API would refuse.
+                hyperparameters=TrainingHyperparameters.model_construct(
+                    **{**HYPERPARAMETERS, **hyperparameters}
+                ).model_dump(),
                 output_model=f"ft:{EMBEDDED_BASE_MODEL}:acme::{job_id}",
             )
         )
