@@ -121,7 +121,7 @@ class BatchDecoder:
         while batch <= self.max_rows:
             self.decode([0] * batch, [0] * batch, [0] * batch)
             for length in (16, 32, 64, 128):
-                if batch * length <= PREFILL_GRAPH_TOKENS:
+                if batch * length <= PREFILL_GRAPH_TOKENS and length <= _pow2(self.context_window):
                     self.prefill(0, [[0] * length] * batch, [0] * batch)
             batch *= 2
         torch.cuda.synchronize()
