@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.openapi import install_openapi
 from app.api.routes import files, health, inference, jobs, models
 from app.core.errors import install_error_handlers
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -64,6 +65,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_openapi(app)
 
     app.add_middleware(RequestMetrics)
     app.include_router(health.router)

@@ -1,7 +1,7 @@
 """Request and response bodies. Response shapes follow OpenAI's published API reference so the
 official clients parse them unchanged; Tuneforge's own fields are additions."""
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
@@ -67,31 +67,32 @@ class Method(BaseModel):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # Hyperparameters go at the top level or under method, not both (see the validator below).
+        json_schema_extra={
+            "not": {
+                "required": ["hyperparameters", "method"],
+                "properties": {"hyperparameters": {"type": "object"}, "method": {"type": "object"}},
+            }
+        },
+    )
 
     model: str
     training_file: str
     validation_file: str | None = None
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = None
+    metadata: (
+        Annotated[
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            Field(max_length=16),
+        ]
+        | None
+    ) = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    integrations: list[Any] | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, v):
-        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
-            raise ValueError("at most 16 keys, keys up to 64 and values up to 512 characters")
-        return v
-
-    @field_validator("integrations")
-    @classmethod
-    def _no_integrations(cls, v):
-        if v:
-            raise ValueError("integrations are not supported; leave the field out")
-        return v
+    integrations: list[Any] | None = Field(None, max_length=0, description="Not supported: leave it out.")
 
     @model_validator(mode="after")
     def _one_source_of_hyperparameters(self):
@@ -204,15 +205,22 @@ class ModelPublic(BaseModel):
 # --- Inference ---
 
 
+class ContentPart(BaseModel):
+    """An OpenAI content part; the text of "text" parts is used, other parts are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    # A string, or OpenAI content parts of which the text parts are used.
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 
@@ -220,42 +228,55 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+StopString = Annotated[str, Field(min_length=1)]
+
+
 class SamplingFields(BaseModel):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 non-empty strings; the text ends before the first one generated."
+    )
     seed: int | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, stop):
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stop
 
 
 class OpenAIRequestFields(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
-    n: int | None = 1
+    n: Literal[1] | None = Field(1, description="Only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
 
+Messages = Annotated[list[ChatMessage], Field(min_length=1)]
+
+
 class ChatCompletionRequest(OpenAIRequestFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Messages
     # The newer name of max_tokens.
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class CompletionRequest(OpenAIRequestFields):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+        description="One prompt: a string, or a list holding one string."
+    )
+
+
+def _exactly_one_of(*fields: str) -> dict:
+    """JSON Schema for "exactly one of these fields is given and not null"."""
+    return {
+        "oneOf": [
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in fields
+        ]
+    }
 
 
 class GenerateRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=_exactly_one_of("prompt", "messages"))
+
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Messages | None = None
     max_new_tokens: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -340,3 +361,15 @@ class GenerateResponse(BaseModel):
     text: str
     usage: Usage
     finish_reason: Literal["stop", "length"]
+
+
+# --- Health ---
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(description='Each dependency: "ok", or why it is not.')

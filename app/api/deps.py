@@ -3,7 +3,8 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.db import get_read_sessionmaker, get_sessionmaker
@@ -27,19 +28,28 @@ SessionDep = Annotated[Session, Depends(get_session)]
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 
-def bearer_key(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+# Reads `Authorization: Bearer <key>` and declares it in the OpenAPI document for every route that
+# depends on it; a missing key is refused below, with the OpenAI error body.
+_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="APIKey",
+    description="An API key made with `tuneforge keys create --tenant NAME`.",
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
+
+
+def bearer_key(credentials: HTTPAuthorizationCredentials | None) -> str:
+    key = credentials.credentials.strip() if credentials else ""
+    if not key:
         raise Unauthorized(
             "Missing API key. Send it as 'Authorization: Bearer <key>'; "
             "create one with 'tuneforge keys create --tenant NAME'."
         )
-    return key.strip()
+    return key
 
 
-def get_tenant(request: Request) -> Tenant:
-    key = bearer_key(request)
+def get_tenant(credentials: BearerDep) -> Tenant:
+    key = bearer_key(credentials)
     # Its own short read-only session: the route's session may be a writing one.
     with get_read_sessionmaker()() as session, session.begin():
         return lookup_tenant(session, key)
@@ -48,8 +58,8 @@ def get_tenant(request: Request) -> Tenant:
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
-async def get_api_key(request: Request) -> str:
-    return bearer_key(request)
+async def get_api_key(credentials: BearerDep) -> str:
+    return bearer_key(credentials)
 
 
 # The key alone, checked for presence on the event loop: inference routes look it up together

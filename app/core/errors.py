@@ -3,7 +3,9 @@
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 
 
 class APIError(Exception):
@@ -65,7 +67,11 @@ def _validation_param(loc: tuple) -> str | None:
 
 
 def _is_union_tag(part) -> bool:
-    return isinstance(part, str) and ("[" in part or part in {"int", "float", "str", "bool", "list", "dict"})
+    return isinstance(part, str) and (
+        "[" in part
+        or part in {"int", "float", "str", "bool", "list", "dict"}
+        or part.startswith("constrained-")
+    )
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -73,13 +79,28 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}.", None
     param = _validation_param(tuple(first.get("loc", ())))
-    # Every alternative pydantic tried for this field, e.g. "'auto'" or "an integer >= 1".
+    if first.get("type") == "missing" and param:
+        return f"Missing required parameter: '{param}'.", param
+    # Every alternative pydantic tried for this field (or inside it), e.g. "'auto'" or "an integer >= 1".
     reasons = []
     for err in errors:
-        if _validation_param(tuple(err.get("loc", ()))) == param and err["msg"] not in reasons:
+        err_param = _validation_param(tuple(err.get("loc", ())))
+        inside = err_param == param or (param and err_param and err_param.startswith(f"{param}."))
+        if inside and err["msg"] not in reasons:
             reasons.append(err["msg"])
     reason = " or ".join(reasons)
     return (f"Invalid value for '{param}': {reason}." if param else f"{reason}."), param
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods of every route on this path: Starlette's own 405 names only the first route's,
+    and a path such as /v1/files has one route per method."""
+    path = get_route_path(request.scope)
+    methods = set()
+    for route in iter_route_contexts(request.app.routes):
+        if route.methods and route.path_regex.match(path):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -97,10 +118,24 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_req: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 405:
+            allow = allowed_methods(request)
+            return JSONResponse(
+                error_body(
+                    f"{request.method} is not allowed on {request.url.path}; use {allow}.",
+                    "invalid_request_error",
+                    None,
+                    "method_not_allowed",
+                ),
+                status_code=405,
+                headers={"Allow": allow},
+            )
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(error_body(str(exc.detail), type_, None, code), status_code=exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), type_, None, code), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception):

@@ -1,26 +1,27 @@
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from app.api.deps import SessionDep, TenantDep
-from app.core.errors import InvalidRequest, PayloadTooLarge
+from app.api.openapi import error_responses, text_response
+from app.core.errors import PayloadTooLarge
 from app.core.settings import get_settings
 from app.schemas import Deleted, FilePublic, ListPage
 from app.services import files as service
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], responses=error_responses(401))
 # Multipart framing around the file itself; a body larger than limit + this is refused unread.
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-@router.post("/files", response_model=FilePublic)
+@router.post("/files", response_model=FilePublic, responses=error_responses(400, 413))
 def upload_file(
     request: Request,
     session: SessionDep,
     tenant: TenantDep,
-    file: Annotated[UploadFile | None, Form()] = None,
-    purpose: Annotated[str | None, Form()] = None,
+    file: Annotated[UploadFile, File(description="JSONL, one training example per line.")],
+    purpose: Annotated[Literal["fine-tune"], Form()],
 ):
     """Upload a JSONL training file (purpose `fine-tune`); every line is validated."""
     settings = get_settings()
@@ -29,10 +30,6 @@ def upload_file(
         raise PayloadTooLarge(
             f"Upload of {declared} bytes exceeds the {settings.max_upload_bytes} byte limit.", param="file"
         )
-    if file is None:
-        raise InvalidRequest("Send the file as a multipart form field named 'file'.", param="file")
-    if purpose is None:
-        raise InvalidRequest("Send the form field 'purpose' with the value 'fine-tune'.", param="purpose")
     row = service.store_file(
         session,
         settings,
@@ -44,7 +41,7 @@ def upload_file(
     return FilePublic.model_validate(row)
 
 
-@router.get("/files", response_model=ListPage[FilePublic])
+@router.get("/files", response_model=ListPage[FilePublic], responses=error_responses(400, 404))
 def list_files(
     session: SessionDep,
     tenant: TenantDep,
@@ -57,12 +54,16 @@ def list_files(
     return ListPage[FilePublic].of([FilePublic.model_validate(r) for r in rows], more)
 
 
-@router.get("/files/{file_id}", response_model=FilePublic)
+@router.get("/files/{file_id}", response_model=FilePublic, responses=error_responses(404))
 def retrieve_file(file_id: str, session: SessionDep, tenant: TenantDep):
     return FilePublic.model_validate(service.get_file(session, tenant, file_id))
 
 
-@router.get("/files/{file_id}/content")
+@router.get(
+    "/files/{file_id}/content",
+    response_class=FileResponse,
+    responses={**text_response("application/jsonl", "The file as uploaded."), **error_responses(404)},
+)
 def file_content(file_id: str, session: SessionDep, tenant: TenantDep):
     row = service.get_file(session, tenant, file_id)
     return FileResponse(
@@ -70,7 +71,7 @@ def file_content(file_id: str, session: SessionDep, tenant: TenantDep):
     )
 
 
-@router.delete("/files/{file_id}", response_model=Deleted)
+@router.delete("/files/{file_id}", response_model=Deleted, responses=error_responses(404))
 def delete_file(file_id: str, session: SessionDep, tenant: TenantDep):
     service.delete_file(session, get_settings(), tenant, file_id)
     return Deleted(id=file_id, object="file")

@@ -1,23 +1,29 @@
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app.api.deps import SessionDep
+from app.api.openapi import text_response
 from app.core.metrics import JOBS_BY_STATUS, QUEUE_DEPTH, REGISTRY
 from app.models import JobStatus
+from app.schemas import Health, Readiness
 from app.services.jobs import count_by_status
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health)
 def healthz():
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready: `checks` says what is not."}},
+)
 def readyz(request: Request, session: SessionDep):
     """The database answers and the inference engine has its base model loaded."""
     checks = {}
@@ -34,7 +40,11 @@ def readyz(request: Request, session: SessionDep):
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses=text_response("text/plain", "Prometheus text exposition format."),
+)
 def metrics(session: SessionDep):
     """Prometheus metrics."""
     counts = count_by_status(session)

@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Request
 
 from app.api.deps import ApiKeyDep
-from app.api.openapi import error_responses
+from app.api.openapi import error_responses, event_stream_response
 from app.api.sse import stream_response
 from app.inference.messages import Completion
 from app.schemas import (
@@ -129,12 +129,18 @@ async def _answer(
     return stream_response(service.events(results, model, first), answer)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses=event_stream_response(ChatCompletionChunk),
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request, api_key: ApiKeyDep):
     return await _answer(request, api_key, service.chat_input(body), _ChatAnswer(body), body.stream)
 
 
-@router.post("/v1/completions", response_model=TextCompletion)
+@router.post(
+    "/v1/completions", response_model=TextCompletion, responses=event_stream_response(TextCompletion)
+)
 async def completions(body: CompletionRequest, request: Request, api_key: ApiKeyDep):
     return await _answer(request, api_key, service.completion_input(body), _TextAnswer(body), body.stream)
 

@@ -1,13 +1,14 @@
 from fastapi import APIRouter, Request
 
 from app.api.deps import ReadSessionDep, SessionDep, TenantDep
+from app.api.openapi import error_responses
 from app.core.base_models import available_base_models
 from app.core.errors import InvalidRequest
 from app.core.settings import get_settings
 from app.schemas import Deleted, ListPage, ModelPublic
 from app.services import models as service
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=error_responses(401))
 BASE_OWNER = "system"
 
 
@@ -23,14 +24,14 @@ def list_models(session: ReadSessionDep, tenant: TenantDep):
     return ListPage[ModelPublic].of(data, False)
 
 
-@router.get("/models/{model_id:path}", response_model=ModelPublic)
+@router.get("/models/{model_id:path}", response_model=ModelPublic, responses=error_responses(404))
 def retrieve_model(model_id: str, session: ReadSessionDep, tenant: TenantDep):
     if model_id in available_base_models(get_settings()):
         return base_public(model_id)
     return ModelPublic.model_validate(service.get_model(session, tenant, model_id))
 
 
-@router.delete("/models/{model_id:path}", response_model=Deleted)
+@router.delete("/models/{model_id:path}", response_model=Deleted, responses=error_responses(400, 404))
 def delete_model(model_id: str, request: Request, session: SessionDep, tenant: TenantDep):
     """Delete a fine-tuned model: it is unloaded and later requests for it get 404."""
     settings = get_settings()
