@@ -16,7 +16,8 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     if params.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(params.seed)
+        # Any integer is a seed; torch takes 0 .. 2**64 - 1.
+        generator.manual_seed(params.seed % 2**64)
     return generator
 
 
@@ -24,11 +25,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """One token id from a row of logits (vocab,)."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    # In float64 and from the maximum down: any temperature the API accepts (1e-300 included)
+    # then scales the logits to 0 and finite negatives or -inf, never to inf - inf = nan.
+    logits = logits.double().cpu()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the top token.
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        outside[0] = False
         sorted_probs[outside] = 0.0
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])

@@ -54,7 +54,9 @@ def create_job(
     body: JobCreate,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
-    """Returns (job, created). A repeated Idempotency-Key returns the first job unchanged."""
+    """Returns (job, created). A repeated Idempotency-Key returns the first job unchanged; an empty
+    one is no key."""
+    idempotency_key = idempotency_key or None
     request_hash = _request_hash(body)
     if idempotency_key:
         existing = _by_idempotency_key(session, tenant, idempotency_key)
@@ -168,10 +170,13 @@ def list_events(
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     pivot = None
     if after:
-        try:
-            pivot = (int(after.removeprefix("ftevent-")),)
-        except ValueError:
-            raise InvalidRequest(f"after '{after}' is not an event id.", param="after") from None
+        # An unknown cursor is 404, as for files and jobs; ids are 64-bit integers.
+        number = after.removeprefix("ftevent-")
+        is_id = number.isascii() and number.isdigit() and len(number) < 19
+        cursor = session.get(JobEvent, int(number)) if is_id else None
+        if cursor is None or cursor.job_id != job_id:
+            raise NotFound(f"No event '{after}' in this job.", param="after")
+        pivot = (cursor.id,)
     return page(session, query, (JobEvent.id,), pivot, limit)
 
 
@@ -184,7 +189,7 @@ def list_checkpoints(
     if after:
         cursor = session.get(Checkpoint, after)
         if cursor is None or cursor.job_id != job_id:
-            raise InvalidRequest(f"after '{after}' is not a checkpoint of this job.", param="after")
+            raise NotFound(f"No checkpoint '{after}' in this job.", param="after")
         pivot = (cursor.step, cursor.id)
     return page(session, query, (Checkpoint.step, Checkpoint.id), pivot, limit)
 

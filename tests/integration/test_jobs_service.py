@@ -90,6 +90,13 @@ def test_concurrent_creates_with_one_idempotency_key_make_one_job(settings, tena
         new_job(settings, tenant, f, "same-key", suffix="different")
 
 
+def test_an_empty_idempotency_key_is_no_key(settings, tenant_and_file):
+    # Found by the OpenAPI fuzz: a second empty key hit the unique index and answered 500.
+    tenant, f = tenant_and_file
+    first, second = new_job(settings, tenant, f, ""), new_job(settings, tenant, f, "")
+    assert first[1] and second[1] and first[0].id != second[0].id
+
+
 def test_migrations_are_idempotent(settings):
     from app.core.migrate import upgrade
 

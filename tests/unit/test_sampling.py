@@ -89,3 +89,19 @@ def test_incremental_detokenizer_gives_the_full_decode_at_every_step(base_model_
     detokenizer.finish()
     assert detokenizer.text == tokenizer.decode(ids, skip_special_tokens=True)
     assert "東京" in detokenizer.text and "🚀" in detokenizer.text
+
+
+def test_any_temperature_and_top_p_the_api_accepts_gives_a_token():
+    # Found by the OpenAPI fuzz: tiny temperatures overflowed to nan, a tiny top_p dropped every token.
+    logits = torch.tensor([5.0, 4.9, -10.0, float("-inf")])
+    for temperature in (1e-300, 1e-45, 1e-10, 2.0):
+        for top_p in (1e-300, 0.5, 1.0):
+            params = SamplingParams(max_new_tokens=1, temperature=temperature, top_p=top_p, seed=0)
+            token = sample_token(logits, params, make_generator(params))
+            assert token in ({0} if temperature < 1 or top_p < 0.5 else {0, 1, 2})
+
+
+def test_any_integer_is_a_seed():
+    for seed in (-(2**70), -1, 2**64, 10**30):
+        params = SamplingParams(max_new_tokens=1, temperature=1.0, seed=seed)
+        assert make_generator(params).initial_seed() == seed % 2**64
