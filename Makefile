@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint
+.PHONY: run test test-fast lint fuzz
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(INSTALLED)
 # The quick loop: unit and integration tests without the `slow` ones (training, processes).
 test-fast: $(INSTALLED)
 	$(VENV)/bin/pytest -m "not slow" tests/unit tests/integration $(PYTEST_ARGS)
+
+# The long schemathesis run over every operation, against a server it starts (tests/openapi_fuzz.py);
+# `make test` runs a short one (tests/e2e/test_openapi_fuzz.py).
+FUZZ_EXAMPLES ?= 500
+fuzz: $(INSTALLED)
+	$(PY) -m tests.openapi_fuzz --max-examples $(FUZZ_EXAMPLES)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check app worker tests bench
