@@ -2,11 +2,12 @@
 
 python3 bench/serve.py [--model-shape tinyllama|mistral7b|qwen3] [--only naive|server]
                        [--requests-per-level 64]
-Both halves use a model of that shape with random weights (bench/shapes.py) in NF4 and
-8 random LoRA adapters (r=16, all-linear, nonzero B); 48-token prompts, 64 new tokens, greedy.
-  naive:  one request at a time, PeftModel + set_adapter per request (as shared/bench/infer_baseline.py).
+Both halves use a model of that shape with random weights (bench/shapes.py) and 8 random LoRA adapters
+(r=16, all-linear, nonzero B); 48-token prompts, 64 new tokens, greedy.
+  naive:  the seed's serving: the base in NF4, one request at a time, PeftModel + set_adapter per request.
   server: adapters imported into a temp data dir with `tuneforge models import`, a key from
-          `tuneforge keys create`, the real server (`tuneforge api`) driven by concurrent streaming (SSE)
+          `tuneforge keys create`, the real server (`tuneforge api`, bf16 base on the GPU) driven by
+          concurrent streaming (SSE)
           httpx clients (4 streams per client process, bench/_clients.py) at concurrency 1, 16, 64:
           aggregate generated tok/s, TTFT p50/p99, cold-load p50.
 Results merged into docs/benchmarks/latest.json under "serve" (the 1.1B shape), "serve_7b" or "serve_qwen3".
