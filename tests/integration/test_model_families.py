@@ -226,6 +226,61 @@ def test_prefill_logits_equal_transformers(base_dir, tokenizer):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def greedy_run(decoder: BatchDecoder, prompts: list[list[int]], slots: list[int]):
+    """Prefill, then decode NEW_TOKENS - 1 steps, as the engine does: tokens per row and logits per step."""
+    # Logits are copied: on CUDA they sit in a graph's output buffer, which its next replay overwrites.
+    logits, greedy = decoder.prefill(0, prompts, slots)
+    tokens, steps = [[t] for t in greedy.tolist()], [logits.clone()]
+    lengths = [len(p) for p in prompts]
+    for _ in range(NEW_TOKENS - 1):
+        logits, greedy = decoder.decode([row[-1] for row in tokens], lengths, slots)
+        for row, token in zip(tokens, greedy.tolist(), strict=True):
+            row.append(token)
+        lengths = [n + 1 for n in lengths]
+        steps.append(logits.clone())
+    return tokens, torch.stack(steps)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_the_eager_forward_and_transformers(base_dir, tokenizer):
+    """On CUDA each prefill and decode step is a captured graph, replayed: its tokens must be the
+    eager forward's (logits up to rounding: cuBLAS may pick other kernels under capture), for a
+    mixed batch over pooled adapters, and a base row's tokens transformers' (float32, no EOS stop:
+    the decoder runs on past it)."""
+    device = torch.device("cuda")
+    model = AutoModelForCausalLM.from_pretrained(base_dir).to(device).eval()
+    model.generation_config.eos_token_id = None
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    slots = [0, 1, 2]
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        ids = torch.tensor([prompts[0]], device=device)
+        out = model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        pool = AdapterPool(model, 2, device)
+        for slot, rank in ((1, 8), (2, 4)):
+            pool.write(
+                slot,
+                {
+                    name: (
+                        torch.randn(rank, layer.base.in_features, generator=generator) * 0.1,
+                        torch.randn(layer.base.out_features, rank, generator=generator) * 0.1,
+                        2.0,
+                    )
+                    for name, layer in pool.layers.items()
+                },
+            )
+        runs = []
+        for graphs in (True, False):
+            decoder = BatchDecoder(model, pool, 4, CONTEXT)
+            decoder.use_graphs = graphs
+            decoder.warm_up()
+            runs.append(greedy_run(decoder, prompts, slots))
+    (graph_tokens, graph_logits), (eager_tokens, eager_logits) = runs
+    assert graph_tokens == eager_tokens
+    torch.testing.assert_close(graph_logits, eager_logits, atol=1e-5, rtol=1e-5)
+    assert graph_tokens[0] == out[0, len(prompts[0]) :].tolist()
+
+
 def test_fused_phi3_targets_are_checked_against_the_fused_base_layers(tokenizer, tmp_path):
     base_dir = tmp_path / "tiny-phi3"
     build_base("phi3", base_dir, tokenizer)
