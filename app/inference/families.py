@@ -71,8 +71,8 @@ def check_supported(config, context_window: int) -> None:
         if fixed is None or context_window > fixed:
             raise UnsupportedModel(
                 f"{family} with rope type {kind} is served only up to {fixed} tokens of context "
-                f"(the length its rope tables stay fixed for), not {context_window}: lower "
-                "max_context_tokens"
+                f"(the length its rope tables stay fixed for), not {context_window}: set "
+                f"TUNEFORGE_MAX_CONTEXT_TOKENS to at most {fixed}"
             )
 
 
