@@ -13,10 +13,10 @@ step instead of thousands of small ones. Prefill takes every newcomer of a turn 
 replayed as a graph up to PREFILL_GRAPH_TOKENS tokens.
 
 Built from the model's own modules (embedding, norms, projections with their pooled LoRA, MLP,
-rotary tables, head), so every family in `families.FAMILIES` runs this one forward; what differs
-between them (fused projections, q/k norms, Gemma's norm placement, sliding windows, soft-capping,
-rope per layer type) is read off the model by `families`. Sliding-window layers keep every
-position in the cache and mask the keys outside the window."""
+rotary tables, head), so every family in `app.core.model_families.FAMILIES` runs this one
+forward; what differs between them (fused projections, q/k norms, Gemma's norm placement, sliding
+windows, soft-capping, rope per layer type) is read off the model by `families`. Sliding-window
+layers keep every position in the cache and mask the keys outside the window."""
 
 import logging
 

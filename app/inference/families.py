@@ -4,11 +4,14 @@ Most differences are read off the model's own modules: fused `qkv_proj` (Phi-3),
 (Qwen3, Gemma 3), the post-attention and pre/post-feedforward norms around each block (Gemma),
 per-layer sliding windows (`attn.sliding_window`, or `config.sliding_window` on every layer for
 Mistral and Phi-3), and rope tables per layer type (Gemma 3's local and global bases). What the
-modules hold but the forward of a family may ignore (soft-capping) is in FAMILIES."""
+modules hold but the forward of a family may ignore (soft-capping) is in SOFTCAPPING. Which families
+are supported at all is app.core.model_families.FAMILIES, which the control plane reads too."""
 
 from dataclasses import dataclass
 
 from torch import nn
+
+from app.core.model_families import FAMILIES, supported_families
 
 
 class UnsupportedModel(ValueError):
@@ -21,12 +24,8 @@ class Family:
     final_softcap: bool = False  # the head's logits go through config.final_logit_softcapping
 
 
-FAMILIES = {
-    "llama": Family(),
-    "mistral": Family(),
-    "qwen2": Family(),
-    "qwen3": Family(),
-    "phi3": Family(),
+# The families whose forward soft-caps logits; every other family is Family().
+SOFTCAPPING = {
     "gemma2": Family(attention_softcap=True, final_softcap=True),
     # Gemma3Attention keeps attn_logit_softcapping from the config but never applies it.
     "gemma3_text": Family(final_softcap=True),
@@ -54,7 +53,7 @@ def check_supported(config, context_window: int) -> None:
     family = config.model_type
     if family not in FAMILIES:
         raise UnsupportedModel(
-            f"serving does not support the {family} model family; supported: {', '.join(FAMILIES)}"
+            f"serving does not support the {family} model family; supported: {supported_families()}"
         )
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModel(f"{family} with bidirectional attention (an embedding model) is not served")
@@ -78,7 +77,7 @@ def check_supported(config, context_window: int) -> None:
 
 def layer_plans(model: nn.Module, context_window: int) -> list[LayerPlan]:
     config = model.config
-    family = FAMILIES[config.model_type]
+    family = SOFTCAPPING.get(config.model_type, Family())
     per_type = None not in _rope_parameters(config)
     plans = []
     for layer in model.model.layers:
@@ -95,7 +94,8 @@ def layer_plans(model: nn.Module, context_window: int) -> list[LayerPlan]:
 
 
 def final_softcap(config) -> float | None:
-    return config.final_logit_softcapping if FAMILIES[config.model_type].final_softcap else None
+    capped = SOFTCAPPING.get(config.model_type, Family()).final_softcap
+    return config.final_logit_softcapping if capped else None
 
 
 def rotary_tables(model: nn.Module, positions, probe) -> dict:
