@@ -64,13 +64,7 @@ class InferenceInput:
     default_max_tokens: int | None
 
 
-def _check_n(n: int | None) -> None:
-    if n not in (None, 1):
-        raise InvalidRequest("Only n=1 is supported.", param="n", code="invalid_value")
-
-
 def chat_input(body: ChatCompletionRequest) -> InferenceInput:
-    _check_n(body.n)
     max_tokens, param = body.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
         max_tokens, param = body.max_tokens, "max_tokens"
@@ -78,12 +72,7 @@ def chat_input(body: ChatCompletionRequest) -> InferenceInput:
 
 
 def completion_input(body: CompletionRequest) -> InferenceInput:
-    _check_n(body.n)
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise InvalidRequest("Send one prompt per request.", param="prompt")
-        prompt = prompt[0]
+    prompt = body.prompt[0] if isinstance(body.prompt, list) else body.prompt  # one, says the schema
     return InferenceInput(body, prompt, None, body.max_tokens, "max_tokens", DEFAULT_COMPLETION_TOKENS)
 
 
