@@ -11,12 +11,14 @@ import typer
 import uvicorn
 
 from app.core.adapter_files import AdapterFileError
-from app.core.base_models import resolve_base_model
+from app.core.base_models import available_base_models, resolve_base_model
 from app.core.db import session_scope
 from app.core.migrate import upgrade
+from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import EMBEDDED_BASE_MODEL, get_settings
 from app.services.adapter_import import import_adapter
 from app.services.keys import create_key, get_or_create_tenant, list_keys, revoke_key
+from app.services.serving import SERVE_SETTING, check_served_base
 from worker.loop import run_worker
 
 app = typer.Typer(
@@ -45,9 +47,10 @@ def migrate() -> None:
 
 @app.command()
 def api() -> None:
-    """Run the HTTP API and the inference engine."""
+    """Run the HTTP API and an inference engine for each served base model."""
     settings = get_settings()
     upgrade(settings.resolved_database_url)
+    _prepare_base_models()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -64,18 +67,24 @@ def worker() -> None:
     run_worker(get_settings())
 
 
-def _prepare_base_model() -> None:
+def _prepare_base_models() -> None:
+    """Materialise the embedded base if it is served, and say which served bases are refused (the
+    API starts all the same and serves the others)."""
     settings = get_settings()
-    if settings.serve_base_model == EMBEDDED_BASE_MODEL:
-        typer.echo(f"preparing base model {EMBEDDED_BASE_MODEL} (first run only: about 30 s)")
-    resolve_base_model(settings.serve_base_model, settings)
+    for name in settings.served_base_models:
+        if name == EMBEDDED_BASE_MODEL and not (settings.base_models_dir / name / "config.json").exists():
+            typer.echo(f"preparing base model {EMBEDDED_BASE_MODEL} (first run only: about 30 s)")
+        try:
+            check_served_base(name, settings)
+        except UnsupportedBaseModel as exc:
+            typer.echo(f"not serving {name}: {exc}", err=True)
 
 
 @app.command()
 def up() -> None:
     """Run the API and one worker until Ctrl-C or SIGTERM, which stops both cleanly."""
     migrate()
-    _prepare_base_model()
+    _prepare_base_models()
     exe = [sys.executable, "-m", "app.cli"]
     children = {
         "api": subprocess.Popen([*exe, "api"]),
@@ -149,13 +158,12 @@ def models_import(
     name: str = typer.Option(..., help="Model name: the id becomes ft:<base>:<tenant>:<name>."),
     base: str = typer.Option(
         None,
-        help="The base model the adapter was trained on "
-        "(default: the served one, TUNEFORGE_SERVE_BASE_MODEL).",
+        help=f"The base model the adapter was trained on (default: the first served one, {SERVE_SETTING}).",
     ),
 ) -> None:
     """Import an adapter (adapter_config.json + adapter_model.safetensors) and serve it."""
     settings = get_settings()
-    base = base or settings.serve_base_model
+    base = base or settings.served_base_models[0]
     try:
         with _migrated_session() as session:
             owner = get_or_create_tenant(session, tenant)
@@ -167,6 +175,36 @@ def models_import(
         raise typer.Exit(2) from exc
     typer.echo(f"imported {row.version[:12]} as")
     typer.echo(row.id)
+
+
+def _parameters(count: int | None) -> str:
+    if count is None:
+        return "?"
+    return f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+
+
+@models_app.command("bases")
+def models_bases() -> None:
+    """Configured base models: family, size, dtype, and whether they train and serve here."""
+    settings = get_settings()
+    served = settings.served_base_models
+    configured = available_base_models(settings)
+    typer.echo("name\tfamily\tparameters\tdtype\ttrains\tserves")
+    for name in [n for n in served if n not in configured]:
+        typer.echo(f"{name}\t-\t-\t-\tno\tno: in {SERVE_SETTING} but not in TUNEFORGE_BASE_MODELS")
+    for name in configured:
+        try:
+            info = describe_base_model(name, resolve_base_model(name, settings))
+        except UnsupportedBaseModel as exc:  # no readable config.json
+            typer.echo(f"{name}\t-\t-\t-\tno\tno: {exc}")
+            continue
+        if not info.supported:
+            trains = serves = f"no: not a supported family ({info.model_type})"
+        else:
+            trains = "yes"
+            serves = "yes" if name in served else f"no: not in {SERVE_SETTING}"
+        fields = [name, info.family, _parameters(info.parameters), info.dtype or "?", trains, serves]
+        typer.echo("\t".join(fields))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The API process: control-plane routes and the inference engine."""
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -10,24 +11,39 @@ from app.api.openapi import install_openapi
 from app.api.routes import files, health, inference, jobs, models
 from app.core.errors import install_error_handlers
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from app.core.model_families import UnsupportedBaseModel
 from app.core.settings import get_settings
+from app.services.serving import ServedBases, check_served_base
+
+log = logging.getLogger("uvicorn.error")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    # Imported here: torch and the model load only when the server actually starts.
+    # Imported here: torch and the models load only when the server actually starts.
     from app.inference.engine import Engine
+    from app.inference.families import UnsupportedModel
 
-    def start_engine() -> Engine:
-        engine = Engine(get_settings())
+    settings = get_settings()
+    served = app.state.served = ServedBases(settings.served_base_models)
+
+    def start_engine(name: str) -> Engine:
+        check_served_base(name, settings)
+        engine = Engine(settings, base_model=name)
         engine.start()
         return engine
 
-    app.state.engine = await asyncio.to_thread(start_engine)
+    # A base that cannot be served is refused, saying why; the others are served all the same.
+    for name in served.names:
+        try:
+            served.serve(name, await asyncio.to_thread(start_engine, name))
+        except (UnsupportedBaseModel, UnsupportedModel) as exc:
+            served.refuse(name, str(exc))
+            log.error("not serving base model %s: %s", name, exc)
     try:
         yield
     finally:
-        await asyncio.to_thread(app.state.engine.stop)
+        await asyncio.to_thread(served.stop)
 
 
 class RequestMetrics:

@@ -266,9 +266,7 @@ class CompletionRequest(OpenAIRequestFields):
 def _exactly_one_of(*fields: str) -> dict:
     """JSON Schema for "exactly one of these fields is given and not null"."""
     return {
-        "oneOf": [
-            {"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in fields
-        ]
+        "oneOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in fields]
     }
 
 
@@ -373,3 +371,7 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
     checks: dict[str, str] = Field(description='Each dependency: "ok", or why it is not.')
+    refused: dict[str, str] = Field(
+        description="Base models listed to be served that this process refused at start, each with "
+        "why (not configured, or a family Tuneforge does not support) and what is supported."
+    )

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     base_models: dict[str, Path] = Field(default_factory=dict)
     # The base model the inference engine keeps resident (the embedded one or a base_models name).
     serve_base_model: str = EMBEDDED_BASE_MODEL
+    # Several bases served by one API process, one engine each (JSON list); when set, it replaces
+    # serve_base_model.
+    serve_base_models: list[str] = Field(default_factory=list)
 
     max_upload_bytes: int = 512 * 1024 * 1024
     # Worker: lease and retry policy.
@@ -39,6 +42,10 @@ class Settings(BaseSettings):
     cpu_adapter_cache: int = 32
     max_batch_size: int = 32
     max_context_tokens: int = 2048
+
+    @property
+    def served_base_models(self) -> list[str]:
+        return list(dict.fromkeys(self.serve_base_models)) or [self.serve_base_model]
 
     @property
     def resolved_database_url(self) -> str:

@@ -30,6 +30,7 @@ from app.schemas import (
 )
 from app.services.keys import lookup_tenant
 from app.services.models import model_not_found, resolve_model
+from app.services.serving import ServedBases
 
 DEFAULT_GENERATE_TOKENS = 128
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -87,30 +88,28 @@ def _chat_dicts(messages: list[ChatMessage]) -> list[dict]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
-async def submit(engine, api_key: str, wanted: InferenceInput):
-    """Validate and submit to `engine` (None while the server starts); returns its result stream."""
-    if engine is None or not engine.ready:
+async def submit(served: ServedBases | None, api_key: str, wanted: InferenceInput):
+    """Validate and submit to the engine of the model's base (`served` is None while the server
+    starts); returns its result stream."""
+    if served is None:
         raise ServiceUnavailable("The inference engine is not ready yet; retry shortly.")
     body = wanted.body
 
     def prepare():
         with get_read_sessionmaker()() as session, session.begin():
             resolved = resolve_model(session, get_settings(), lookup_tenant(session, api_key), body.model)
-        if resolved.base_model != engine.base_model:
-            raise InvalidRequest(
-                f"The model '{body.model}' is built on {resolved.base_model}, which this server does "
-                f"not serve (it serves {engine.base_model}).",
-                param="model",
-            )
+        engine = served.engine_for(resolved.base_model, body.model)
         if wanted.messages is not None:
-            return resolved, engine.encode_chat(_chat_dicts(wanted.messages))
-        return resolved, engine.encode_prompt(wanted.prompt)
+            return engine, resolved, engine.encode_chat(_chat_dicts(wanted.messages))
+        return engine, resolved, engine.encode_prompt(wanted.prompt)
 
     # The key and model lookups and the tokenizing, off the event loop in one worker-thread hop:
     # under load each hop waits for the GIL behind the engine thread, and it adds up in time to
     # first token. (So a bad key with an invalid body gets the body's 400; a missing key, 401.)
     loop = asyncio.get_running_loop()
-    resolved, prompt_ids = await loop.run_in_executor(_PREPARE, contextvars.copy_context().run, prepare)
+    engine, resolved, prompt_ids = await loop.run_in_executor(
+        _PREPARE, contextvars.copy_context().run, prepare
+    )
     max_tokens = _max_tokens(wanted, len(prompt_ids), engine.context_window)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     params = SamplingParams(

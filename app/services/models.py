@@ -56,10 +56,13 @@ def resolve_model(session: Session, settings: Settings, tenant: Tenant, model_id
     )
 
 
-def list_models(session: Session, tenant: Tenant) -> list[Model]:
+def list_models(session: Session, tenant: Tenant, base_models: list[str]) -> list[Model]:
+    """The tenant's models built on any of `base_models`."""
     return list(
         session.scalars(
-            select(Model).where(Model.tenant_id == tenant.id).order_by(Model.created_at, Model.id)
+            select(Model)
+            .where(Model.tenant_id == tenant.id, Model.base_model.in_(base_models))
+            .order_by(Model.created_at, Model.id)
         )
     )
 

@@ -18,7 +18,7 @@ MAY_IMPORT = {
     "app.inference": {"app.core", "app.inference.messages"},
     "app.services": {"app.core", "app.models", "app.schemas", "app.inference.messages"},
     "app.api": {"app.core", "app.models", "app.schemas", "app.services", "app.inference.messages"},
-    "app.main": {"app.core", "app.api", "app.inference"},
+    "app.main": {"app.core", "app.api", "app.services", "app.inference"},
     "app.cli": {"app.core", "app.models", "app.schemas", "app.services", "worker"},
     "worker": {"app.core", "app.models", "app.schemas"},
     "migrations": {"app.core", "app.models"},

@@ -25,19 +25,23 @@ def healthz():
     responses={503: {"model": Readiness, "description": "Not ready: `checks` says what is not."}},
 )
 def readyz(request: Request, session: SessionDep):
-    """The database answers and the inference engine has its base model loaded."""
+    """The database answers and every served base model's engine is loaded. Bases refused at start
+    (not configured, family not supported) are listed under `refused` with why; they do not make
+    the server unready unless it serves none."""
     checks = {}
     try:
         session.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - report any database failure as not ready
         checks["database"] = f"error: {type(exc).__name__}"
-    engine = getattr(request.app.state, "engine", None)
-    checks["engine"] = "ok" if engine is None or engine.ready else "loading"
+    served = getattr(request.app.state, "served", None)
+    refused = served.refused if served is not None else {}
+    checks.update(served.checks() if served is not None else {"engine": "loading"})
+    if served is not None and not served.engines:
+        checks["engine"] = "no base model can be served: see refused"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
-    )
+    body = {"status": "ready" if ready else "not ready", "checks": checks, "refused": refused}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get(

@@ -1,7 +1,8 @@
 """Inference: OpenAI chat and text completions (whole or streamed as SSE) and the short /generate.
 
 Each route turns its body into the service's one input shape and answers the same way: submit
-to the engine on app.state, then the whole answer or an SSE stream in the endpoint's shapes."""
+to the engine of its base (app.state.served), then the whole answer or an SSE stream in the
+endpoint's shapes."""
 
 import secrets
 import time
@@ -120,7 +121,7 @@ async def _answer(
     stream: bool,
 ):
     """Submit, then the whole answer or, for a stream, its first event before the 200."""
-    results = await service.submit(getattr(request.app.state, "engine", None), api_key, wanted)
+    results = await service.submit(getattr(request.app.state, "served", None), api_key, wanted)
     model = wanted.body.model
     if not stream:
         text, done = await service.collect(results, model, _disconnected(request))

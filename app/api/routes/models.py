@@ -17,10 +17,13 @@ def base_public(name: str) -> ModelPublic:
 
 
 @router.get("/models", response_model=ListPage[ModelPublic])
-def list_models(session: ReadSessionDep, tenant: TenantDep):
-    """Base models, then the caller's fine-tunes, checkpoints and imported adapters."""
-    data = [base_public(n) for n in available_base_models(get_settings())]
-    data += [ModelPublic.model_validate(m) for m in service.list_models(session, tenant)]
+def list_models(request: Request, session: ReadSessionDep, tenant: TenantDep):
+    """What this server can serve: its base models, then the caller's fine-tunes, checkpoints and
+    imported adapters on them."""
+    served = getattr(request.app.state, "served", None)
+    bases = served.servable() if served is not None else []
+    data = [base_public(n) for n in bases]
+    data += [ModelPublic.model_validate(m) for m in service.list_models(session, tenant, bases)]
     return ListPage[ModelPublic].of(data, False)
 
 
@@ -41,7 +44,7 @@ def delete_model(model_id: str, request: Request, session: SessionDep, tenant: T
         )
     row = service.delete_model(session, settings, tenant, model_id)
     session.commit()
-    engine = getattr(request.app.state, "engine", None)
-    if engine is not None:
-        engine.unload(row.version)
+    served = getattr(request.app.state, "served", None)
+    if served is not None:
+        served.unload(row.version)
     return Deleted(id=model_id, object="model")
