@@ -74,10 +74,16 @@ def _is_union_tag(part) -> bool:
     )
 
 
+# What pydantic says when the body is missing, is not JSON of an object, or has another content type.
+_NOT_AN_OBJECT = {"missing", "model_attributes_type", "dict_type"}
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}.", None
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in _NOT_AN_OBJECT:
+        return "Send the request body as a JSON object, with 'Content-Type: application/json'.", None
     param = _validation_param(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and param:
         return f"Missing required parameter: '{param}'.", param

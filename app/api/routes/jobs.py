@@ -12,7 +12,15 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"], responses=e
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-@router.post("", response_model=JobPublic, responses=error_responses(400, 409))
+REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "`true` when an earlier request with this Idempotency-Key made the job.",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+
+
+@router.post("", response_model=JobPublic, responses={200: {"headers": REPLAYED}} | error_responses(400, 409))
 def create_job(
     body: JobCreate,
     response: Response,
