@@ -5,9 +5,11 @@ completion of a prompt/completion pair; `text` rows train on every token. Labels
 """
 
 from dataclasses import dataclass
+from os.path import commonprefix
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 from app.core.training_rows import BadLine, ChatRow, PromptCompletionRow, TextRow, TrainingRow, read_rows
 from worker.errors import UserError
@@ -21,31 +23,88 @@ class Example:
     labels: list[int]
 
 
+# Stands in for a message's content: a private-use character, which no text starts or ends with.
+_MARKER = "\ue000"
+
+
+class UnmaskableChat(ValueError):
+    """A chat template whose rendering of an answer cannot be told apart from its prompt."""
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _with_marker(messages: list[dict], i: int) -> list[dict]:
+    return [*messages[:i], {**messages[i], "content": _MARKER}, *messages[i + 1 :]]
+
+
+def _changed_span(text: str, other: str) -> tuple[int, int]:
+    """The span of `text` where it differs from `other`: what lies between their common prefix and
+    their common suffix."""
+    start = len(commonprefix([text, other]))
+    end = len(text) - len(commonprefix([text[start:][::-1], other[start:][::-1]]))
+    return start, end
+
+
 def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns. Chat templates
-    render by concatenation, so the text of turn i is what rendering messages[:i+1] adds to
-    rendering messages[:i] followed by the assistant header."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = (
-            len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-            if i
-            else 0
+    """The conversation as the model sees it while writing its last answer, and the character span
+    of each answer's content in it.
+
+    The last answer follows the generation prompt of the conversation before it, as at inference:
+    templates need not render a conversation so that it starts with the rendering of its prefixes
+    (Mistral v0.3 puts the system message into the last user turn only when a generation follows,
+    so a full rendering drops it; Qwen3 drops the <think> blocks of earlier answers; Phi-3 ends a
+    finished conversation with EOS). A content's span is the text that changes when the content
+    is replaced, so what the template writes around it (turn headers, Qwen3's empty <think>
+    block, trimmed whitespace) stays masked. Messages after the last answer teach nothing."""
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    context = _render(tokenizer, messages[:last], generation_prompt=True)
+    spans = [
+        _changed_span(context, _render(tokenizer, _with_marker(messages[:last], i), generation_prompt=True))
+        for i, message in enumerate(messages[:last])
+        if message["role"] == "assistant"
+    ]
+    # The last answer as the template writes it after a generation prompt, cut from a
+    # conversation of one stand-in question.
+    question = [{"role": "user", "content": "?"}]
+    prompt = _render(tokenizer, question, generation_prompt=True)
+    answer = _render(tokenizer, [*question, messages[last]])
+    if not answer.startswith(prompt):
+        raise UnmaskableChat(
+            "the base model's chat template does not render an answer after its generation prompt, "
+            "so the answer's tokens cannot be told from the prompt's"
         )
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        spans.append((start, end))
-    return text, spans
+    start, end = _changed_span(answer, _render(tokenizer, _with_marker([*question, messages[last]], 1)))
+    shift = len(context) - len(prompt)
+    spans.append((start + shift, end + shift))
+    return context + answer[len(prompt) :], spans
 
 
-def _label_spans(text: str, spans: list[tuple[int, int]], tokenizer) -> Example:
+def _end_of_turn(text: str, end: int, tokens: list[tuple[int, tuple[int, int]]], special: set[int]) -> int:
+    """Where an answer ending at `end` ends with its end-of-turn token: the first special token
+    after it (<|eot_id|>, </s>, <|im_end|>, <end_of_turn>, <|end|>) when only whitespace is between,
+    which the model must learn to write to stop."""
+    for token, (start, stop) in tokens:
+        if start >= end:
+            return stop if token in special and not text[end:start].strip() else end
+    return end
+
+
+def _label_spans(text: str, spans: list[tuple[int, int]], tokenizer, end_of_turn: bool = False) -> Example:
+    """Token ids of `text`, labelled where a token overlaps a span (a token that straddles a span's
+    edge carries text of the span)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    if end_of_turn:
+        special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+        tokens = list(zip(ids, offsets, strict=True))
+        spans = [
+            (start, _end_of_turn(text, end, tokens, special) if end > start else end) for start, end in spans
+        ]
     labels = [
-        token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
-        for token, offset in zip(ids, encoded["offset_mapping"], strict=True)
+        token if any(start < stop and begin < end for start, end in spans) else IGNORE_INDEX
+        for token, (begin, stop) in zip(ids, offsets, strict=True)
     ]
     return Example(ids, labels)
 
@@ -55,7 +114,7 @@ def tokenize_row(row: TrainingRow, tokenizer) -> Example:
     match row:
         case ChatRow(messages):
             text, spans = _assistant_spans(messages, tokenizer)
-            return _label_spans(text, spans, tokenizer)
+            return _label_spans(text, spans, tokenizer, end_of_turn=True)
         case PromptCompletionRow(prompt, completion):
             text = prompt + completion
             example = _label_spans(text, [(len(prompt), len(text))], tokenizer)
@@ -73,7 +132,15 @@ def load_examples(path: Path, tokenizer, max_seq_length: int, param: str) -> lis
     with open(path, "rb") as f:
         try:
             for number, row in read_rows(f):
-                example = tokenize_row(row, tokenizer)
+                try:
+                    example = tokenize_row(row, tokenizer)
+                except (TemplateError, UnmaskableChat) as exc:
+                    raise UserError(
+                        "invalid_file_format",
+                        f"Line {number} of the {param} cannot be rendered with the base model's chat "
+                        f"template: {exc}.",
+                        param,
+                    ) from None
                 if len(example.input_ids) > max_seq_length:
                     raise UserError(
                         "sequence_too_long",

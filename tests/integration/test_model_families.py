@@ -21,71 +21,14 @@ from app.inference.engine import Engine
 from app.inference.families import UnsupportedModel, check_supported
 from app.inference.lora import AdapterPool
 from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
+from tests.model_families_support import CONTEXT, FAMILIES, SHAPE, WINDOW, build_base, tiny_config
 
-CONTEXT = 64
 NEW_TOKENS = 12
-WINDOW = 8
 PROMPTS = [
     "The weather today is",
     "In a small village at the edge of a great forest there lived an old clockmaker who",
     "def fibonacci(n):",
 ]
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    initializer_range=0.05,
-)
-FAMILIES = {
-    "llama": dict(
-        model_type="llama",
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-    ),
-    "mistral": dict(model_type="mistral", sliding_window=WINDOW),
-    # Layer 0 full, layer 1 sliding; biased q/k/v projections.
-    "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
-    "qwen3": dict(model_type="qwen3"),
-    "gemma2": dict(
-        model_type="gemma2",
-        sliding_window=WINDOW,
-        query_pre_attn_scalar=24,
-        attn_logit_softcapping=2.0,
-        final_logit_softcapping=5.0,
-    ),
-    "gemma3_text": dict(
-        model_type="gemma3_text",
-        sliding_window=WINDOW,
-        layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=24,
-        final_logit_softcapping=5.0,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
-        },
-    ),
-    "phi3": dict(model_type="phi3"),
-    # Phi-3.5 / Phi-4-mini style: longrope (served within its original length), partial rotary.
-    "phi3_longrope": dict(
-        model_type="phi3",
-        partial_rotary_factor=0.5,
-        rope_scaling={
-            "rope_type": "longrope",
-            "short_factor": [1.0, 1.5, 2.0, 2.5],
-            "long_factor": [4.0, 4.0, 8.0, 8.0],
-        },
-        original_max_position_embeddings=CONTEXT,
-    ),
-}
 
 
 @pytest.fixture(scope="module")
@@ -98,32 +41,6 @@ def base_dir(request, tokenizer, tmp_path_factory):
     directory = tmp_path_factory.mktemp("bases") / f"tiny-{request.param}"
     build_base(request.param, directory, tokenizer)
     return directory
-
-
-def tiny_config(family: str, tokenizer):
-    spec = dict(FAMILIES[family])
-    return AutoConfig.for_model(
-        spec.pop("model_type"),
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **SHAPE,
-        **spec,
-    )
-
-
-def build_base(family: str, directory, tokenizer) -> None:
-    """A tiny random model of `family` with the embedded model's tokenizer, saved to `directory`.
-    Its norm weights are randomised too, so that a norm in the wrong place shows."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, tokenizer), dtype=torch.float32)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.add_(torch.randn_like(parameter) * 0.3)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
 
 
 def linear_names(model: nn.Module, block: str) -> list[str]:
