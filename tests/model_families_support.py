@@ -1,11 +1,20 @@
-"""Tiny random models of every supported family, built in the tests (no hub): 2 layers, hidden 64,
-the embedded model's tokenizer. The Mistral, Qwen2 and Gemma configs slide windows of WINDOW
-tokens; the Gemma ones set soft-capping."""
+"""Tiny random models of every supported family, built in the tests (no hub): 2 layers, hidden 64.
+The Mistral, Qwen2 and Gemma configs slide windows of WINDOW tokens; the Gemma ones set
+soft-capping. And the two sides of a serving parity check: the engine's greedy texts and
+transformers + PEFT's greedy tokens."""
+
+import asyncio
 
 import torch
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from app.core.settings import Settings
+from app.inference.engine import Engine
+from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
+
 CONTEXT = 64
+NEW_TOKENS = 12
 WINDOW = 8
 SHAPE = dict(
     hidden_size=64,
@@ -65,8 +74,8 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str, tokenizer):
-    spec = dict(FAMILIES[family])
+def tiny_config(family: str, tokenizer, **overrides):
+    spec = {**FAMILIES[family], **overrides}
     return AutoConfig.for_model(
         spec.pop("model_type"),
         vocab_size=len(tokenizer),
@@ -78,14 +87,63 @@ def tiny_config(family: str, tokenizer):
     )
 
 
-def build_base(family: str, directory, tokenizer) -> None:
-    """A tiny random model of `family` with `tokenizer`, saved to `directory`. Its norm weights are
-    randomised too, so that a norm in the wrong place shows."""
+def build_base(family: str, directory, tokenizer, **overrides) -> None:
+    """A tiny random model of `family` (its config changed by `overrides`) with `tokenizer`, saved
+    to `directory`. Its norm weights are randomised too, so that a norm in the wrong place shows."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, tokenizer), dtype=torch.float32)
+    config = tiny_config(family, tokenizer, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name:
                 parameter.add_(torch.randn_like(parameter) * 0.3)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+
+
+def transformers_greedy(base_dir, ids: list[int], ref: AdapterRef | None) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    if ref is not None:
+        model = PeftModel.from_pretrained(model, ref.adapter_dir)
+    prompt = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def engine_texts(base_dir, data_dir, requests: list[tuple[list[int], AdapterRef | None]]) -> list[str]:
+    """The engine's greedy texts for all requests, submitted together (one mixed batch)."""
+    settings = Settings(
+        data_dir=data_dir,
+        device="cpu",
+        base_models={base_dir.name: base_dir},
+        serve_base_model=base_dir.name,
+        gpu_adapter_slots=3,
+        cpu_adapter_cache=3,
+        max_context_tokens=CONTEXT,
+    )
+    engine = Engine(settings)
+    engine.start()
+
+    async def generate(ids, ref):
+        params = SamplingParams(NEW_TOKENS, temperature=0.0)
+        stream = engine.submit(GenerationRequest("test", ids, params, ref))
+        text = ""
+        while not isinstance(event := await stream.get(), Completion):
+            if isinstance(event, Failure):
+                raise event.error
+            text += event.text
+        return text
+
+    async def all_requests():
+        return await asyncio.gather(*(generate(ids, ref) for ids, ref in requests))
+
+    try:
+        return asyncio.run(all_requests())
+    finally:
+        engine.stop()

@@ -4,26 +4,31 @@ ranks and targets), and each request's greedy tokens must equal transformers' `g
 PEFT adapter. The Mistral, Qwen2 and Gemma configs slide windows shorter than prompt + generation;
 the Gemma ones set soft-capping."""
 
-import asyncio
-
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from app.core.adapter_files import AdapterFileError, check_adapter_dir
 from app.core.artifacts import write_manifest
-from app.core.settings import Settings
 from app.inference.decoder import BatchDecoder
-from app.inference.engine import Engine
 from app.inference.families import UnsupportedModel, check_supported
 from app.inference.lora import AdapterPool
-from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
-from tests.model_families_support import CONTEXT, FAMILIES, SHAPE, WINDOW, build_base, tiny_config
+from app.inference.messages import AdapterRef
+from tests.model_families_support import (
+    CONTEXT,
+    FAMILIES,
+    NEW_TOKENS,
+    SHAPE,
+    WINDOW,
+    build_base,
+    engine_texts,
+    tiny_config,
+    transformers_greedy,
+)
 
-NEW_TOKENS = 12
 PROMPTS = [
     "The weather today is",
     "In a small village at the edge of a great forest there lived an old clockmaker who",
@@ -68,54 +73,6 @@ def write_adapters(base_dir, root) -> list[AdapterRef]:
         peft.save_pretrained(directory, safe_serialization=True)
         refs.append(AdapterRef(write_manifest(directory, base_model=base_dir.name), directory))
     return refs
-
-
-def transformers_greedy(base_dir, ids: list[int], ref: AdapterRef | None) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    if ref is not None:
-        model = PeftModel.from_pretrained(model, ref.adapter_dir)
-    prompt = torch.tensor([ids])
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def engine_texts(base_dir, data_dir, requests: list[tuple[list[int], AdapterRef | None]]) -> list[str]:
-    """The engine's greedy texts for all requests, submitted together (one mixed batch)."""
-    settings = Settings(
-        data_dir=data_dir,
-        device="cpu",
-        base_models={base_dir.name: base_dir},
-        serve_base_model=base_dir.name,
-        gpu_adapter_slots=3,
-        cpu_adapter_cache=3,
-        max_context_tokens=CONTEXT,
-    )
-    engine = Engine(settings)
-    engine.start()
-
-    async def generate(ids, ref):
-        params = SamplingParams(NEW_TOKENS, temperature=0.0)
-        stream = engine.submit(GenerationRequest("test", ids, params, ref))
-        text = ""
-        while not isinstance(event := await stream.get(), Completion):
-            if isinstance(event, Failure):
-                raise event.error
-            text += event.text
-        return text
-
-    async def all_requests():
-        return await asyncio.gather(*(generate(ids, ref) for ids, ref in requests))
-
-    try:
-        return asyncio.run(all_requests())
-    finally:
-        engine.stop()
 
 
 @pytest.mark.slow
