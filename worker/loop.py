@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.base_models import UnknownBaseModel, resolve_base_model
 from app.core.db import make_engine
+from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import Settings
 from app.models import File, Job, JobEvent, JobStatus, now
 from worker import faults, store
@@ -205,8 +206,6 @@ class JobHooks:
 def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Path | None) -> TrainResult:
     if faults.noop_recipe_enabled():
         return faults.train_noop(job.id, hooks, resume_from)
-    from worker import pipeline  # torch is imported only by workers that train
-
     if job.training_format is None:
         raise UserError(
             "file_not_found", f"The training file {job.training_file} no longer exists.", "training_file"
@@ -217,6 +216,13 @@ def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Pa
         raise UserError(
             "model_not_available", f"The base model {job.model!r} is not available on this worker.", "model"
         ) from exc
+    # Job creation checked the family, but the base's files may have changed since.
+    try:
+        describe_base_model(job.model, base_model_dir).check_supported()
+    except UnsupportedBaseModel as exc:
+        raise UserError("model_not_supported", str(exc), "model") from None
+    from worker import pipeline  # torch is imported only by workers that train
+
     config = pipeline.TrainConfig.from_job(
         job.hyperparameters,
         base_model_dir=base_model_dir,

@@ -60,13 +60,16 @@ def _materialise_embedded(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _configured_dir(name: str, configured: Path) -> Path:
+def _configured_dir(name: str, configured: Path, download: bool) -> Path:
     """The directory itself, or a hub id's snapshot in the Hugging Face cache (HF_HOME / HF_HUB_CACHE),
-    downloaded into it first on a host that reaches a hub (set HF_HUB_OFFLINE=1 on one that does not)."""
+    downloaded into it first on a host that reaches a hub (set HF_HUB_OFFLINE=1 on one that does not)
+    unless `download` is false."""
     if configured.is_dir() or configured.is_absolute() or len(configured.parts) != 2:
         return configured
     try:
-        return Path(snapshot_download(str(configured), allow_patterns=HUB_FILES))
+        return Path(
+            snapshot_download(str(configured), allow_patterns=HUB_FILES, local_files_only=not download)
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError) as exc:
         raise UnknownBaseModel(
             f"Base model '{name}': '{configured}' is neither a local directory nor a hub id in the "
@@ -74,11 +77,12 @@ def _configured_dir(name: str, configured: Path) -> Path:
         ) from exc
 
 
-def resolve_base_model(name: str, settings: Settings) -> Path:
+def resolve_base_model(name: str, settings: Settings, download: bool = True) -> Path:
     """Local HF checkpoint directory of base model `name`, materialising the embedded one once
-    (a file lock makes concurrent first use from several processes safe)."""
+    (a file lock makes concurrent first use from several processes safe); with `download` false,
+    a hub id not yet in the cache is an UnknownBaseModel."""
     if name in settings.base_models:
-        return _configured_dir(name, Path(settings.base_models[name]))
+        return _configured_dir(name, Path(settings.base_models[name]), download)
     if name != EMBEDDED_BASE_MODEL:
         raise UnknownBaseModel(name)
     target = settings.base_models_dir / EMBEDDED_BASE_MODEL

@@ -8,8 +8,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.base_models import available_base_models
+from app.core.base_models import UnknownBaseModel, available_base_models, resolve_base_model
 from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import Settings
 from app.models import Checkpoint, File, Job, JobEvent, JobStatus, Tenant, new_id, now
 from app.schemas import JobCreate
@@ -69,6 +70,7 @@ def create_job(
             param="model",
             code="model_not_available",
         )
+    _check_family(body.model, settings)
     training = _training_file(session, tenant, body.training_file, "training_file")
     if body.validation_file:
         _training_file(session, tenant, body.validation_file, "validation_file")
@@ -101,6 +103,25 @@ def create_job(
             raise
         return _replay(existing, request_hash), False
     return job, True
+
+
+def _check_family(name: str, settings: Settings) -> None:
+    """Refuse a job on a configured base whose family Tuneforge does not train, before the job
+    exists. Only a base whose files are on this host is read: a hub id is not downloaded in a
+    request (the worker checks the base before it loads anything), and the embedded base, a
+    Llama, is not materialised."""
+    if name not in settings.base_models:
+        return
+    try:
+        directory = resolve_base_model(name, settings, download=False)
+    except UnknownBaseModel:
+        return
+    if not (directory / "config.json").is_file():
+        return
+    try:
+        describe_base_model(name, directory).check_supported()
+    except UnsupportedBaseModel as exc:
+        raise InvalidRequest(str(exc), param="model", code="model_not_supported") from None
 
 
 def _by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job | None:
