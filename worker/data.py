@@ -72,8 +72,8 @@ def _assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[i
     answer = _render(tokenizer, [*question, messages[last]])
     if not answer.startswith(prompt):
         raise UnmaskableChat(
-            "the base model's chat template does not render an answer after its generation prompt, "
-            "so the answer's tokens cannot be told from the prompt's"
+            "it does not write an answer after its generation prompt, so the answer's tokens cannot be "
+            "told from the prompt's"
         )
     start, end = _changed_span(answer, _render(tokenizer, _with_marker([*question, messages[last]], 1)))
     shift = len(context) - len(prompt)
@@ -99,6 +99,7 @@ def _label_spans(text: str, spans: list[tuple[int, int]], tokenizer, end_of_turn
     if end_of_turn:
         special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
         tokens = list(zip(ids, offsets, strict=True))
+        # An empty span is an answer the template left out: the special token after it is not its.
         spans = [
             (start, _end_of_turn(text, end, tokens, special) if end > start else end) for start, end in spans
         ]
