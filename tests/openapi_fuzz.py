@@ -59,11 +59,14 @@ def seeded_api(data_dir: Path, base_model_dir: Path):
             timeout=60,
         )
         job.raise_for_status()
-        yield url, {
-            "TUNEFORGE_FUZZ_KEY": key,
-            "TUNEFORGE_FUZZ_FILE_ID": file_id,
-            "TUNEFORGE_FUZZ_MODELS": f"{EMBEDDED_BASE_MODEL},{FINE_TUNE}",
-        }
+        yield (
+            url,
+            {
+                "TUNEFORGE_FUZZ_KEY": key,
+                "TUNEFORGE_FUZZ_FILE_ID": file_id,
+                "TUNEFORGE_FUZZ_MODELS": f"{EMBEDDED_BASE_MODEL},{FINE_TUNE}",
+            },
+        )
 
 
 def run_schemathesis(url: str, env: dict, *args: str, timeout: float | None = None):
@@ -93,6 +96,7 @@ def main() -> int:
             result = run_schemathesis(url, env, *examples, *args.schemathesis_args)
     sys.stdout.write(result.stdout)
     return result.returncode
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ the API would), the environment for worker subprocesses, and polling."""
 
 import json
 import os
+import random
 import subprocess
 import threading
 import time
@@ -16,8 +17,21 @@ from app.core.db import session_scope
 from app.core.hyperparameters import TrainingHyperparameters
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 from app.models import File, Job, JobEvent, Tenant, new_id
+from worker.data import IGNORE_INDEX, Example
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def random_examples(n: int, vocab: int, min_length: int = 8) -> list[Example]:
+    """Prompt/completion-like examples of random tokens: loss only on each example's tail."""
+    rnd = random.Random(0)
+    out = []
+    for _ in range(n):
+        length, prompt = rnd.randint(min_length, 30), rnd.randint(2, 6)
+        ids = [rnd.randrange(3, vocab) for _ in range(length)]
+        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return out
+
 
 HYPERPARAMETERS = {
     "n_epochs": 1,

@@ -5,8 +5,6 @@ validate on), and the adapter it publishes, served by the engine, gives the toke
 PEFT give with the saved adapter. And the packed fast path trains like transformers' own loss for
 every family."""
 
-import random
-
 import pytest
 import torch
 from sqlalchemy import select
@@ -22,12 +20,12 @@ from tests.worker_support import (
     create_tenant,
     events,
     get_job,
+    random_examples,
     update_job,
     wait_for,
     worker_thread,
 )
 from worker import pipeline
-from worker.data import IGNORE_INDEX, Example
 
 FAMILIES = list(CHAT_TEMPLATES)
 SYSTEM = {"role": "system", "content": "You are a geography tutor."}
@@ -90,17 +88,6 @@ def test_a_two_step_job_trains_and_its_adapter_is_served(family, settings, base_
     assert engine_texts(base_dir, tmp_path / "serving", [(ids, None), (ids, ref)]) == expected
 
 
-def _examples(n: int, vocab: int) -> list[Example]:
-    """Examples longer than the sliding windows, the loss on each one's tail."""
-    rnd = random.Random(0)
-    out = []
-    for _ in range(n):
-        length, prompt = rnd.randint(12, 30), rnd.randint(2, 6)
-        ids = [rnd.randrange(3, vocab) for _ in range(length)]
-        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_fast_path_loss_equals_transformers_loss(family, base_model_dir, tmp_path):
     """The fast path packs examples into rows whose attention must stay block-diagonal, also under
@@ -118,7 +105,7 @@ def test_packed_fast_path_loss_equals_transformers_loss(family, base_model_dir, 
             if "lora_B" in name:
                 parameter.normal_(std=0.05)
     assert pipeline._uses_plain_logits(model)
-    data = _examples(4, len(tokenizer))
+    data = random_examples(4, len(tokenizer), min_length=12)
     assert len(pipeline.micro_batches(data, 0, config)[0]["input_ids"]) < len(data)  # packed
     fast = float(pipeline.train_step(model, data, 0, config))
     plain = float(pipeline.plain_step(model, data, 0, config))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.worker_support import random_examples
 from worker import pipeline
 from worker.data import IGNORE_INDEX, Example
 from worker.lora_forward import use_fused_lora_forward
@@ -36,17 +37,6 @@ def _config(base_model_dir: Path = Path("-"), **overrides) -> pipeline.TrainConf
     return pipeline.TrainConfig(**values)
 
 
-def _examples(n: int, vocab: int) -> list[Example]:
-    """Prompt/completion-like examples: loss only on each example's tail."""
-    rnd = random.Random(0)
-    out = []
-    for _ in range(n):
-        length, prompt = rnd.randint(8, 30), rnd.randint(2, 6)
-        ids = [rnd.randrange(3, vocab) for _ in range(length)]
-        out.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    return out
-
-
 def _run(model, initial: dict, config, steps, data, step_fn) -> list[float]:
     """Train from the same initial LoRA weights (one loaded model serves every run)."""
     with torch.no_grad():
@@ -65,7 +55,7 @@ def _run(model, initial: dict, config, steps, data, step_fn) -> list[float]:
 
 
 def test_pack_rows_keeps_examples_whole_and_rows_within_length():
-    data = _examples(40, 1000)
+    data = random_examples(40, 1000)
     rows = pipeline.pack_rows(data, 64, packing=True)
     assert sorted(id(ex) for row in rows for ex in row) == sorted(id(ex) for ex in data)
     assert all(sum(len(ex.input_ids) for ex in row) <= 64 for row in rows)
@@ -117,7 +107,7 @@ def test_fast_path_loss_equals_plain_path(base_model_dir):
     model = pipeline.attach_lora(pipeline.load_base_model(base_model_dir, "cpu"), config)
     model.train()
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    data = _examples(8, 10_000)
+    data = random_examples(8, 10_000)
     _use_peft_forward(model)
     plain = _run(model, initial, config, 2, data, pipeline.plain_step)
     assert use_fused_lora_forward(model) == 7 * model.config.num_hidden_layers

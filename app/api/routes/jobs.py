@@ -61,9 +61,7 @@ def resume_job(job_id: str, session: SessionDep, tenant: TenantDep):
     return JobPublic.model_validate(service.apply_action(session, tenant, job_id, "resume"))
 
 
-@router.get(
-    "/{job_id}/events", response_model=ListPage[JobEventPublic], responses=error_responses(400, 404)
-)
+@router.get("/{job_id}/events", response_model=ListPage[JobEventPublic], responses=error_responses(400, 404))
 def list_events(
     job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None, limit: Limit = 20
 ):
