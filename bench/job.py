@@ -1,0 +1,264 @@
+"""Training jobs as a user runs them: a real `tuneforge api` and `tuneforge worker`, a file uploaded
+and jobs created over HTTP, timed from created to succeeded.
+
+python3 bench/job.py [--model-shape tinyllama|mistral7b|qwen3] [--examples 3000] [--device cuda|cpu]
+Builds the shape's random checkpoint (bench/shapes.py) with bench/serve.py's word-level tokenizer,
+writes a prompt/completion JSONL of bench/train.py's synthetic lengths (median ~134 tokens) as text of
+the tokenizer's words, and runs the API and one worker as subprocesses on a temp data dir (SQLite),
+the checkpoint registered in TUNEFORGE_BASE_MODELS and served by the API as well. Two jobs, one after
+the other on the same worker: `batch_size` 128 and `n_epochs` 1 (the worker's first job: it loads the
+base), then default hyperparameters except `n_epochs` 1 (the second). Per job:
+  end to end:  trained_tokens / (succeeded - created) on the client's clock (the job's created_at and
+               finished_at are whole seconds; their figure is reported beside it);
+  job's own:   tokens/s from its metrics events (each event's tokens_per_second covers the steps since
+               the previous one; they exclude loading the base and tokenizing);
+  job start:   claim -> end of the first optimizer step: `since_claim_s` in the first metrics event's
+               data when the worker records it, otherwise the client's clock from seeing the job running
+               to seeing its first metrics event (which comes after step LOG_EVERY_STEPS, not step 1).
+Results merged into docs/benchmarks/latest.json under "train" (`default_job{suffix}_tokens_per_s`,
+`batch128_job{suffix}_tokens_per_s`, `job_start{suffix}_s` for the second job and
+`job_start_first{suffix}_s` for the first; suffix from RESULT_KEYS: "" for the 1.1B shape,
+"_7b", "_qwen3") and the details under `train.jobs{suffix}`. `--device cpu` runs a tiny random Llama
+instead of the shape, to check the script on a machine without a GPU; it prints and merges nothing.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench._results import merge  # noqa: E402
+from bench.serve import _cli, ensure_tokenizer  # noqa: E402
+from bench.shapes import RESULT_KEYS, SHAPES, build_checkpoint  # noqa: E402
+from bench.train import synthetic_examples  # noqa: E402
+
+TINY = Path(tempfile.gettempdir()) / "tf-job-tiny"
+TINY_VOCAB = 1000
+POLL_S = 0.1
+# In this order on one worker: the first job loads the base, the second finds it resident if the
+# worker keeps it (warm workers), as the default-hyperparameter job of a user on a busy service would.
+JOBS = {
+    "batch128": {"n_epochs": 1, "batch_size": 128},
+    "default": {"n_epochs": 1},
+}
+
+
+def build_tiny() -> Path:
+    """A 2-layer Llama with a 1,000-word vocabulary: trains a step in well under a second on a CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not (TINY / "config.json").exists():
+        config = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=TINY_VOCAB,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(TINY)
+    return TINY
+
+
+def write_examples(path: Path, n: int, vocab: int) -> int:
+    """n prompt/completion rows; returns their token count. Each of bench/train.py's examples of L ids
+    becomes L - 1 words (the worker appends the end-of-sequence token), the first third the prompt.
+    The prompt ends in a space so that prompt + completion splits into the same words."""
+    tokens = 0
+    with open(path, "w") as f:
+        for ids in synthetic_examples(n):
+            words = [str(3 + (i - 3) % (vocab - 3)) for i in ids[:-1]]  # the identity for the 32k vocab
+            cut = len(words) // 3
+            row = {"prompt": " ".join(words[:cut]) + " ", "completion": " ".join(words[cut:])}
+            f.write(json.dumps(row) + "\n")
+            tokens += len(ids)
+    return tokens
+
+
+def start(name: str, env: dict, log_dir: Path) -> tuple[subprocess.Popen, Path]:
+    log = log_dir / f"{name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", name],
+        env=env,
+        cwd=ROOT,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    return proc, log
+
+
+def wait_until(ready, procs: dict, what: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        for name, (proc, log) in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"tuneforge {name} exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        if time.time() > deadline:
+            raise RuntimeError(f"{what} not ready in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def api_ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def events(client: httpx.Client, job_id: str) -> list[dict]:
+    """All the job's events, oldest first (the API pages them newest first)."""
+    out, after = [], None
+    while True:
+        params = {"limit": 100, **({"after": after} if after else {})}
+        page = ok(client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params))
+        out += page["data"]
+        if not page["has_more"]:
+            return out[::-1]
+        after = page["data"][-1]["id"]
+
+
+def ok(response: httpx.Response) -> dict:
+    if response.status_code >= 400:
+        raise RuntimeError(f"{response.request.method} {response.request.url}: {response.text[:1000]}")
+    return response.json()
+
+
+def run_job(client: httpx.Client, model: str, file_id: str, hyperparameters: dict, timeout: float) -> dict:
+    method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
+    created = time.time()
+    job = ok(
+        client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id, "method": method})
+    )
+    seen_running = seen_step = None
+    while job["status"] != "succeeded":
+        if job["status"] in ("failed", "cancelled"):
+            raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
+        if time.time() - created > timeout:
+            raise RuntimeError(f"job {job['id']} still {job['status']} after {timeout:.0f} s")
+        time.sleep(POLL_S)
+        job = ok(client.get(f"/v1/fine_tuning/jobs/{job['id']}"))
+        now = time.time()
+        if job["status"] != "queued" and seen_running is None:
+            seen_running = now
+        if seen_running is not None and seen_step is None:
+            page = ok(client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 10}))
+            if any(e["type"] == "metrics" for e in page["data"]):
+                seen_step = now
+    done = time.time()
+
+    log = events(client, job["id"])
+    metrics = [e for e in log if e["type"] == "metrics"]
+    claimed = next(e for e in log if (e.get("data") or {}).get("attempt") == 1)
+    first = metrics[0]
+    # Each event's tokens_per_second covers the steps since the previous event; with about the same
+    # tokens in every step, a window of n steps took n * tokens_per_step / tokens_per_second.
+    tokens, steps = job["trained_tokens"], metrics[-1]["data"]["step"]
+    bounds = [0] + [e["data"]["step"] for e in metrics]
+    step_seconds = sum(
+        (stop - start) * tokens / steps / e["data"]["tokens_per_second"]
+        for start, stop, e in zip(bounds[:-1], bounds[1:], metrics, strict=True)
+    )
+    since_claim = first["data"].get("since_claim_s")
+    result = {
+        "id": job["id"],
+        "hyperparameters": job["hyperparameters"],
+        "trained_tokens": tokens,
+        "steps": steps,
+        "seconds": round(done - created, 2),
+        "tokens_per_s": round(tokens / (done - created), 1),
+        "tokens_per_s_from_job_timestamps": round(tokens / max(job["finished_at"] - job["created_at"], 1), 1),
+        "job_events_tokens_per_s": round(tokens / step_seconds, 1),
+        "first_metrics_step": first["data"]["step"],
+        "queued_s": round(seen_running - created, 2),
+    }
+    if since_claim is not None:
+        result.update(job_start_s=round(since_claim, 2), job_start_source="since_claim_s (worker, step 1)")
+    else:
+        result.update(
+            job_start_s=round(seen_step - seen_running, 2),
+            job_start_source=f"client clock, running seen -> step {first['data']['step']} metrics event seen",
+            job_start_s_event_timestamps=first["created_at"] - claimed["created_at"],
+        )
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument("--examples", type=int, default=3000)
+    ap.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a tiny model, nothing merged"
+    )
+    ap.add_argument("--port", type=int, default=8767)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds each job may take")
+    a = ap.parse_args()
+    if a.device == "cpu":
+        checkpoint, vocab = build_tiny(), TINY_VOCAB
+    else:
+        checkpoint, vocab = Path(build_checkpoint(a.model_shape)), SHAPES[a.model_shape][1]["vocab_size"]
+    ensure_tokenizer(str(checkpoint), vocab)
+    base = checkpoint.name
+    data_dir = Path(tempfile.mkdtemp(prefix="tf-job-"))
+    data = data_dir / "train.jsonl"
+    file_tokens = write_examples(data, a.examples, vocab)
+    env = dict(
+        os.environ,
+        TUNEFORGE_DATA_DIR=str(data_dir),
+        TUNEFORGE_BASE_MODELS=json.dumps({base: str(checkpoint)}),
+        TUNEFORGE_SERVE_BASE_MODEL=base,
+        TUNEFORGE_DEVICE=a.device,
+        TUNEFORGE_PORT=str(a.port),
+        PYTHONPATH=os.pathsep.join([str(ROOT), *[p for p in [os.environ.get("PYTHONPATH")] if p]]),
+    )
+    key = _cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
+    # Logs into $OUT (if set) so that they come back from the device even when a job fails.
+    log_dir = Path(os.environ.get("OUT") or data_dir)
+    procs = {name: start(name, env, log_dir) for name in ("api", "worker")}
+    url = f"http://127.0.0.1:{a.port}"
+    try:
+        wait_until(lambda: api_ready(url), procs, "tuneforge api")
+        wait_until(lambda: " started" in procs["worker"][1].read_text(), procs, "tuneforge worker")
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as client, open(data, "rb") as f:
+            file_id = ok(client.post("/v1/files", files={"file": f}, data={"purpose": "fine-tune"}))["id"]
+            jobs = {}
+            for name, hyperparameters in JOBS.items():
+                jobs[name] = run_job(client, base, file_id, hyperparameters, a.timeout)
+                print(name, json.dumps(jobs[name]), flush=True)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+        for proc, _ in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    suffix = RESULT_KEYS[a.model_shape]
+    out = {
+        f"default_job{suffix}_tokens_per_s": jobs["default"]["tokens_per_s"],
+        f"batch128_job{suffix}_tokens_per_s": jobs["batch128"]["tokens_per_s"],
+        f"job_start{suffix}_s": jobs["default"]["job_start_s"],
+        f"job_start_first{suffix}_s": jobs["batch128"]["job_start_s"],
+        f"jobs{suffix}": {"examples": a.examples, "file_tokens": file_tokens, **jobs},
+    }
+    print("result", json.dumps(out), flush=True)
+    if a.device == "cuda":
+        merge("train", out)
+
+
+if __name__ == "__main__":
+    main()
