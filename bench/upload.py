@@ -187,7 +187,7 @@ def main():
         os.environ,
         TUNEFORGE_DATA_DIR=str(data_dir),
         TUNEFORGE_DEVICE="cpu",
-        # The default limit (512 MiB) refuses a 1 GB file; the limit is not what is measured here.
+        # Room for any --size-mb; the limit is not what is measured here.
         TUNEFORGE_MAX_UPLOAD_BYTES=str(2 * a.size_mb * MB),
         PYTHONPATH=os.pathsep.join([str(ROOT), *[p for p in [os.environ.get("PYTHONPATH")] if p]]),
     )

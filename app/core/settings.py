@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     # serve_base_model.
     serve_base_models: list[str] = Field(default_factory=list)
 
-    max_upload_bytes: int = 512 * 1024 * 1024
+    # A million-row (~1 GB) training file fits; uploads are validated streaming, in bounded memory.
+    max_upload_bytes: int = 2 * 1024 * 1024 * 1024
     # Worker: lease and retry policy.
     worker_id: str | None = None
     lease_seconds: float = 60.0
