@@ -17,6 +17,9 @@ class TrainingHooks(Protocol):
 
     def log(self, message: str, data: dict) -> None: ...
 
+    def record_hyperparameters(self, hyperparameters: dict, message: str, data: dict) -> None:
+        """Record what the job's "auto" hyperparameters resolved to, with an event."""
+
     def save_checkpoint(self, step: int, write: Callable[[Path], None], metrics: dict) -> None: ...
 
 

@@ -199,6 +199,9 @@ class JobHooks:
     def log(self, message: str, data: dict) -> None:
         self.fence.event(message, data=data)
 
+    def record_hyperparameters(self, hyperparameters: dict, message: str, data: dict) -> None:
+        self.fence.event(message, data=data, hyperparameters=hyperparameters)
+
     def save_checkpoint(self, step: int, write, metrics: dict) -> None:
         store.save_checkpoint(self.settings, self.fence, self.job, step, write, metrics)
 
@@ -223,7 +226,7 @@ def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Pa
         raise UserError("model_not_supported", str(exc), "model") from None
     from worker import pipeline  # torch is imported only by workers that train
 
-    config = pipeline.TrainConfig.from_job(
+    config = pipeline.JobConfig.from_job(
         job.hyperparameters,
         base_model_dir=base_model_dir,
         training_file=settings.files_dir / f"{job.training_file}.jsonl",
@@ -231,6 +234,7 @@ def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Pa
         seed=job.seed,
         device=pipeline.resolve_device(settings.device),
         checkpoint_every_steps=settings.checkpoint_every_steps,
+        train_memory_gib=settings.train_memory_gib,
     )
     return pipeline.train(config, hooks, resume_from)
 

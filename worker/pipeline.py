@@ -5,7 +5,8 @@ setup: load the base model in 4-bit NF4 with double quantization, `prepare_model
 loss on completion/assistant tokens only, optional packing, validation loss, metrics and
 checkpoints through `TrainingHooks`. One step is `batch_size` examples; they are laid out as rows
 of `max_seq_length` tokens (bin-packed, position ids restarting per example so attention is
-block-diagonal), rows are grouped into micro-batches of at most `MICRO_BATCH_TOKENS`, and the loss
+block-diagonal), rows are grouped into micro-batches of at most `micro_batch_tokens` (on CUDA sized to
+the model and the memory the run may use, worker/memory.py, up to `MICRO_BATCH_TOKENS`), and the loss
 is a chunked cross-entropy over the target positions only, so the vocabulary-wide logits never
 exist for a whole micro-batch. On CUDA the frozen weights run in bf16 under bf16 autocast and
 AdamW is fused. save: the adapter as safetensors; the training state
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
-from pydantic import ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -35,25 +36,26 @@ from transformers import (
 from app.core.artifacts import WEIGHTS_FILE
 from app.core.errors import validation_message
 from app.core.hyperparameters import Hyperparameters, TrainingHyperparameters
+from app.core.settings import Settings
 from worker.data import IGNORE_INDEX, Example, collate, epoch_order, load_examples
 from worker.errors import UserError
 from worker.hooks import TrainingHooks, TrainResult
 from worker.lora_forward import use_fused_lora_forward
+from worker.memory import GIB, LOSS_CHUNK_TOKENS, TrainShape, micro_batch_tokens
 
 LOG_EVERY_STEPS = 5
 WARMUP_FRACTION = 0.03
 MAX_GRAD_NORM = 1.0
-# Tokens per forward/backward on CUDA. 24 rows of 1024 keep TinyLlama-1.1B (NF4, r=16 all-linear,
-# gradient checkpointing) at 6.9 GiB peak on an H100 (bench/train_matrix.py), and a step of 128
-# chat-length examples (~18 rows) runs as one micro-batch: 16k split it in two and ran ~30 % slower.
-# A step bigger than this accumulates gradients.
+# The most tokens per forward/backward on CUDA; less where the memory does not fit it
+# (`fit_micro_batches`). 24 rows of 1024 keep TinyLlama-1.1B (NF4, r=16 all-linear, gradient
+# checkpointing) at 6.9 GiB peak on an H100 (bench/train_matrix.py), and a step of 128 chat-length
+# examples (~18 rows) runs as one micro-batch: 16k split it in two and ran ~30 % slower, and 32k
+# with steps of 256 was no faster than 24k. A step bigger than a micro-batch accumulates gradients.
 MICRO_BATCH_TOKENS = 24576
-# Target positions per cross-entropy chunk: 4096 x 32k-vocab fp32 logits = 0.5 GiB at a time.
-LOSS_CHUNK_TOKENS = 4096
 
 
-class TrainConfig(TrainingHyperparameters):
-    """One run: a job's hyperparameters (the API's model and limits) and where its inputs are."""
+class RunInputs(BaseModel):
+    """Where a run's inputs are and what it runs on."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -63,15 +65,37 @@ class TrainConfig(TrainingHyperparameters):
     seed: int
     device: str
     checkpoint_every_steps: int
+    # TUNEFORGE_TRAIN_MEMORY_GIB: the peak GPU memory the run may reach; None for what is free.
+    train_memory_gib: float | None = None
+
+
+class TrainConfig(TrainingHyperparameters, RunInputs):
+    """One run: resolved hyperparameters (the API's model and limits) and where its inputs are."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Tokens per micro-batch on CUDA; `fit_micro_batches` sets it for the loaded model.
+    micro_batch_tokens: int = MICRO_BATCH_TOKENS
+
+
+class JobConfig(RunInputs):
+    """A claimed job: its recorded hyperparameters, with "auto" in them until an attempt has tokenized
+    the training file and recorded what they resolve to (`train`), and where its inputs are."""
+
+    hyperparameters: Hyperparameters
 
     @classmethod
-    def from_job(cls, hyperparameters: dict, **job_fields) -> "TrainConfig":
+    def from_job(cls, hyperparameters: dict, **job_fields) -> "JobConfig":
+        record = {k: v for k, v in hyperparameters.items() if k != "learning_rate"}
         try:
-            recorded = TrainingHyperparameters.from_record(hyperparameters)
+            recorded = Hyperparameters.model_validate(record)
         except ValidationError as exc:
             errors = [{**error, "loc": ("hyperparameters", *error["loc"])} for error in exc.errors()]
             raise UserError("invalid_hyperparameters", *validation_message(errors)) from None
-        return cls(**dict(recorded), **job_fields)
+        return cls(hyperparameters=recorded, **job_fields)
+
+    def train_config(self, resolved: TrainingHyperparameters) -> TrainConfig:
+        return TrainConfig(**dict(resolved), **self.model_dump(exclude={"hyperparameters"}))
 
 
 def resolve_device(setting: str) -> str:
@@ -111,6 +135,24 @@ def load_base_model(base_model_dir: Path, device: str):
             if param.dtype == torch.float32 and not param.requires_grad:
                 param.data = param.data.to(compute_dtype)
     return model
+
+
+def fit_micro_batches(model, config: TrainConfig) -> TrainConfig:
+    """`config` with micro_batch_tokens sized to the loaded model (with its adapter) and the GPU
+    memory the run may use (worker/memory.py); on CPU, where a step is one micro-batch, unchanged."""
+    if config.device != "cuda":
+        return config
+    text = model.get_base_model().config.get_text_config()
+    shape = TrainShape(
+        layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        vocab_size=text.vocab_size,
+        resident_bytes=torch.cuda.memory_allocated(),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+    )
+    cap = None if config.train_memory_gib is None else int(config.train_memory_gib * GIB)
+    tokens = micro_batch_tokens(shape, torch.cuda.mem_get_info()[0], cap, MICRO_BATCH_TOKENS)
+    return config.model_copy(update={"micro_batch_tokens": tokens})
 
 
 def attach_lora(model, config: TrainConfig):
@@ -230,7 +272,7 @@ def micro_batches(examples: list[Example], pad_id: int, config: TrainConfig) -> 
         width = (
             config.max_seq_length if config.packing else min(config.max_seq_length, -(-width // 128) * 128)
         )
-    rows_per_batch = max(1, MICRO_BATCH_TOKENS // width) if config.device == "cuda" else len(rows)
+    rows_per_batch = max(1, config.micro_batch_tokens // width) if config.device == "cuda" else len(rows)
     batches = []
     for start in range(0, len(rows), rows_per_batch):
         ids, positions, index, targets = [], [], [], []
@@ -348,18 +390,44 @@ def optimizer_step(trainable: list, optimizer, scheduler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = None) -> TrainResult:
-    torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(config.base_model_dir)
+def resolve_hyperparameters(job: JobConfig, train_set: list[Example], hooks: TrainingHooks) -> TrainConfig:
+    """The job's hyperparameters with "auto" resolved from the tokenized training file; what "auto"
+    became is recorded in the job, with an event, the first time."""
+    requested = job.hyperparameters
+    tokens = sum(len(ex.input_ids) for ex in train_set)
+    resolved = requested.resolve(len(train_set), tokens)
+    auto = [name for name, value in requested if value == "auto"]
+    if auto:
+        chosen = {name: getattr(resolved, name) for name in auto}
+        hooks.record_hyperparameters(
+            resolved.model_dump(),
+            f"Hyperparameters: {', '.join(f'{k}={v}' for k, v in chosen.items())} "
+            f"(auto, for {len(train_set)} examples of {tokens} tokens)",
+            {**chosen, "examples": len(train_set), "tokens": tokens},
+        )
+    return job.train_config(resolved)
+
+
+def train(job: JobConfig, hooks: TrainingHooks, resume_from: Path | None = None) -> TrainResult:
+    torch.manual_seed(job.seed)
+    tokenizer = AutoTokenizer.from_pretrained(job.base_model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = load_examples(config.training_file, tokenizer, config.max_seq_length, "training_file")
+    max_seq_length = job.hyperparameters.max_seq_length
+    train_set = load_examples(job.training_file, tokenizer, max_seq_length, "training_file")
     valid_set = (
-        load_examples(config.validation_file, tokenizer, config.max_seq_length, "validation_file")
-        if config.validation_file
+        load_examples(job.validation_file, tokenizer, max_seq_length, "validation_file")
+        if job.validation_file
         else []
     )
+    config = resolve_hyperparameters(job, train_set, hooks)
 
     model = attach_lora(load_base_model(config.base_model_dir, config.device), config)
+    config = fit_micro_batches(model, config)
+    if config.device == "cuda":
+        hooks.log(
+            f"Micro-batches of at most {config.micro_batch_tokens} tokens",
+            {"micro_batch_tokens": config.micro_batch_tokens},
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, config)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -433,18 +501,22 @@ def train(config: TrainConfig, hooks: TrainingHooks, resume_from: Path | None = 
     return TrainResult("continue", step, trained_tokens, save_adapter)
 
 
-def bench_config(base_model_dir, seed: int = 0, **hyperparams) -> TrainConfig:
-    """The config the benchmarks train with: the API's hyperparameters for a large file unless
-    given, on CUDA unless `device` is given, no files, no checkpoints."""
+def bench_config(
+    base_model_dir, seed: int = 0, examples: int = 10**6, tokens: int = 156 * 10**6, **hyperparams
+) -> TrainConfig:
+    """The config the benchmarks train with: the API's hyperparameters unless given ("auto" as for
+    `examples` examples of `tokens` tokens, by default a large file of chat-length examples), on CUDA
+    unless `device` is given, TUNEFORGE_TRAIN_MEMORY_GIB from the environment, no files, no checkpoints."""
     device = hyperparams.pop("device", "cuda")
     return TrainConfig(
-        **dict(Hyperparameters(**hyperparams).resolve(examples=10**6)),
+        **dict(Hyperparameters(**hyperparams).resolve(examples, tokens)),
         base_model_dir=Path(base_model_dir),
         training_file=Path("-"),
         validation_file=None,
         seed=seed,
         device=device,
         checkpoint_every_steps=10**9,
+        train_memory_gib=Settings().train_memory_gib,
     )
 
 
@@ -460,10 +532,11 @@ def bench_train(
     """bench/train.py's entry: `steps` steps of the worker's recipe (load_base_model, attach_lora,
     make_optimizer, train_step, optimizer_step) on token-id lists trained on every token, with the
     API's default hyperparameters unless given. Times and counts real tokens after warm-up."""
-    config = bench_config(base_model_dir, seed, **hyperparams)
+    config = bench_config(base_model_dir, seed, len(examples), sum(map(len, examples)), **hyperparams)
     torch.manual_seed(seed)
     data = [Example(ids, list(ids)) for ids in examples]
     model = attach_lora(load_base_model(config.base_model_dir, config.device), config)
+    config = fit_micro_batches(model, config)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, config)
@@ -497,6 +570,7 @@ def bench_train(
         "seconds": seconds,
         "steps": steps,
         "batch_size": config.batch_size,
+        "micro_batch_tokens": config.micro_batch_tokens,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "loss_trajectory": [[t, round(float(loss), 4)] for t, loss in losses],
     }

@@ -1,6 +1,8 @@
 """Fine-tuning hyperparameters and their limits, defined once. The API validates a request with
-`Hyperparameters` ("auto" allowed) and records `resolve()`'s `TrainingHyperparameters` on the job;
-the worker validates that record with the same model before it trains."""
+`Hyperparameters` ("auto" allowed) and records it on the job as given; the worker validates that
+record with the same model, and once it has tokenized the training file it records `resolve()`'s
+`TrainingHyperparameters` in place of the request (the "auto" values depend on the token count, which
+only a tokenizer of the base knows, and tokenizing a big file has no place in a request)."""
 
 import math
 from typing import Annotated, Literal
@@ -10,10 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 BASE_LEARNING_RATE = 2e-4
 # The fewest optimizer steps "auto" aims for, so that a small file still teaches something.
 AUTO_MIN_STEPS = 100
+# Tokens an "auto" step aims for. Training is launch-bound: tokens/s rises with the tokens per step
+# until a step fills one micro-batch of the worker's measured budget (24k tokens) and no further
+# (H100, TinyLlama-1.1B shape, chat-length examples: batch 16 6,447 tokens/s, 128 29,006, 256
+# 29,170; docs/BENCHMARKS.md). Fixed rather than the worker's memory-aware budget, so that a file
+# gets the same batch size on any worker.
+AUTO_STEP_TOKENS = 24576
+# The fewest steps per epoch an "auto" batch leaves, so that a small file is not one or two big steps.
+AUTO_MIN_STEPS_PER_EPOCH = 16
 
 Auto = Literal["auto"]
 Epochs = Annotated[int, Field(ge=1, le=50)]
-BatchSize = Annotated[int, Field(ge=1, le=256)]
+MAX_BATCH_SIZE = 256
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)]
 LearningRateMultiplier = Annotated[float, Field(gt=0, le=100)]
 ModuleNames = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
 
@@ -34,9 +45,10 @@ class Hyperparameters(BaseModel):
     max_seq_length: int = Field(1024, ge=16, le=32768)
     packing: bool = True
 
-    def resolve(self, examples: int) -> "TrainingHyperparameters":
-        """Every "auto" replaced with the value a job on `examples` examples runs with."""
-        batch_size = min(16, max(1, examples // 16)) if self.batch_size == "auto" else self.batch_size
+    def resolve(self, examples: int, tokens: int) -> "TrainingHyperparameters":
+        """Every "auto" replaced with the value a job on `examples` examples of `tokens` tokens in
+        all (as the worker tokenizes them) runs with."""
+        batch_size = auto_batch_size(examples, tokens) if self.batch_size == "auto" else self.batch_size
         n_epochs = self.n_epochs
         if n_epochs == "auto":
             steps_per_epoch = math.ceil(examples / batch_size)
@@ -50,6 +62,17 @@ class Hyperparameters(BaseModel):
                 "learning_rate_multiplier": multiplier,
             }
         )
+
+
+def auto_batch_size(examples: int, tokens: int) -> int:
+    """The largest power of two that is at most examples / AUTO_MIN_STEPS_PER_EPOCH and whose step
+    of mean-length examples holds at most AUTO_STEP_TOKENS tokens, between 1 and 256."""
+    mean_tokens = max(tokens, 1) / max(examples, 1)
+    limit = min(examples / AUTO_MIN_STEPS_PER_EPOCH, AUTO_STEP_TOKENS / mean_tokens)
+    batch_size = 1
+    while batch_size * 2 <= min(limit, MAX_BATCH_SIZE):
+        batch_size *= 2
+    return batch_size
 
 
 class TrainingHyperparameters(Hyperparameters):

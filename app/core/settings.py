@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     retry_backoff_seconds: float = 5.0
     checkpoint_every_steps: int = 50
+    # GiB of GPU memory a training run may reach at its peak (micro-batches are sized to fit);
+    # None: whatever the device has free.
+    train_memory_gib: float | None = Field(None, gt=0)
     keep_checkpoints: int = 3
     # Inference engine: adapter tiers and batching.
     gpu_adapter_slots: int = 8

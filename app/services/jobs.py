@@ -84,7 +84,8 @@ def create_job(
         suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
-        hyperparameters=body.requested_hyperparameters.resolve(training.examples).model_dump(),
+        # As requested: the worker resolves "auto" once it has tokenized the file, and records it.
+        hyperparameters=body.requested_hyperparameters.model_dump(),
         status=JobStatus.queued,
         output_model=output_model_name(body.model, tenant, body.suffix, job_id),
         idempotency_key=idempotency_key,

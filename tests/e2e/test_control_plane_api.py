@@ -137,8 +137,10 @@ def test_job_create_list_retrieve_cancel(server, tmp_path):
     assert job.object == "fine_tuning.job" and job.status == "queued"
     assert job.organization_id.startswith("org-") and job.seed == 7
     assert job.hyperparameters.n_epochs == 2
-    # "auto" is resolved and recorded, never left as "auto".
-    assert isinstance(job.hyperparameters.batch_size, int)
+    # "auto" stays "auto" until a worker has tokenized the file
+    # (tests/integration/test_auto_hyperparameters.py).
+    assert job.hyperparameters.batch_size == "auto"
+    assert job.method.supervised.hyperparameters.learning_rate_multiplier == "auto"
     assert job.metadata == {"team": "ml"}
     assert c.fine_tuning.jobs.retrieve(job.id).status == "queued"
     assert job.id in [j.id for j in c.fine_tuning.jobs.list()]
@@ -190,7 +192,7 @@ def test_method_form_and_tuneforge_hyperparameters(server, tmp_path):
     ).json()
     assert raw["hyperparameters"]["lora_r"] == 8
     assert raw["hyperparameters"]["target_modules"] == ["q_proj", "v_proj"]
-    assert raw["hyperparameters"]["learning_rate"] == pytest.approx(2e-4)
+    assert raw["hyperparameters"]["learning_rate_multiplier"] == "auto"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from app.core.errors import InvalidRequest
-from app.core.hyperparameters import Hyperparameters
 from app.services.files import validate_training_jsonl
 
 CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
@@ -53,20 +52,3 @@ def test_first_bad_line_is_named_with_the_reason(tmp_path, bad, words):
 def test_file_without_examples_is_refused(tmp_path):
     with pytest.raises(InvalidRequest, match="no examples"):
         validate_training_jsonl(write(tmp_path, [b"", b"  "]))
-
-
-def test_auto_hyperparameters_are_resolved_to_numbers():
-    small = Hyperparameters().resolve(examples=10)
-    assert small.batch_size == 1
-    # A small file gets enough epochs for about 100 optimizer steps.
-    assert small.n_epochs * 10 >= 100
-    big = Hyperparameters().resolve(examples=100_000)
-    assert big.batch_size == 16 and big.n_epochs == 3
-    assert big.model_dump()["learning_rate"] == pytest.approx(2e-4)
-
-
-def test_explicit_hyperparameters_are_kept():
-    requested = Hyperparameters(n_epochs=2, batch_size=4, learning_rate_multiplier=0.5, lora_r=8)
-    hp = requested.resolve(examples=10)
-    assert (hp.n_epochs, hp.batch_size, hp.lora_r) == (2, 4, 8)
-    assert hp.learning_rate == pytest.approx(1e-4)
