@@ -176,11 +176,11 @@ def resident_base_model(resident: ResidentBase, config: TrainConfig, hooks: Trai
     start = time.monotonic()
     model = load_base_model(config.base_model_dir, config.device)
     seconds = time.monotonic() - start
+    resident.model, resident.source = model, source  # before the event, which raises if the job is lost
     hooks.log(
         f"Base model loaded in {seconds:.1f} s",
         {"base_model_resident": False, "load_seconds": round(seconds, 3)},
     )
-    resident.model, resident.source = model, source
     return model
 
 
