@@ -5,6 +5,8 @@ lease: its worker died) — `FOR UPDATE SKIP LOCKED` on PostgreSQL, BEGIN IMMEDI
 re-checks it with a conditional UPDATE. Every later write is fenced by the attempt (worker/fence.py).
 Errors: UserError fails the job at once; anything else is an infrastructure error, retried with
 exponential backoff up to settings.max_attempts; JobLost (cancelled, or taken over) stops at once.
+Between jobs the worker keeps the last base model loaded (worker/hooks.py ResidentBase): each job's
+LoRA is taken off it when the job ends, however it ends.
 """
 
 import gc
@@ -31,7 +33,7 @@ from app.models import File, Job, JobEvent, JobStatus, now
 from worker import faults, store
 from worker.errors import JobLost, UserError
 from worker.fence import Fence
-from worker.hooks import Control, TrainResult
+from worker.hooks import Control, ResidentBase, TrainResult
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -61,6 +63,7 @@ class ClaimedJob:
     output_model: str
     attempt: int
     infra_failures: int
+    claimed_at: float  # time.monotonic()
 
 
 def claim_job(sessions: sessionmaker[Session], worker_id: str, settings: Settings) -> ClaimedJob | None:
@@ -141,6 +144,7 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str, settings: Setting
                 output_model=job.output_model,
                 attempt=attempt,
                 infra_failures=failures,
+                claimed_at=time.monotonic(),
             )
 
 
@@ -192,6 +196,7 @@ class JobHooks:
 
     def __init__(self, settings: Settings, job: ClaimedJob, fence: Fence, lease: Lease):
         self.settings, self.job, self.fence, self.lease = settings, job, fence, lease
+        self.claimed_at = job.claimed_at
 
     def control(self) -> Control:
         return self.lease.control()
@@ -206,7 +211,9 @@ class JobHooks:
         store.save_checkpoint(self.settings, self.fence, self.job, step, write, metrics)
 
 
-def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Path | None) -> TrainResult:
+def _train(
+    settings: Settings, job: ClaimedJob, hooks: JobHooks, resident: ResidentBase, resume_from: Path | None
+) -> TrainResult:
     if faults.noop_recipe_enabled():
         return faults.train_noop(job.id, hooks, resume_from)
     if job.training_format is None:
@@ -236,11 +243,15 @@ def _train(settings: Settings, job: ClaimedJob, hooks: JobHooks, resume_from: Pa
         checkpoint_every_steps=settings.checkpoint_every_steps,
         train_memory_gib=settings.train_memory_gib,
     )
-    return pipeline.train(config, hooks, resume_from)
+    return pipeline.train(config, hooks, resident, resume_from)
 
 
 def run_job(
-    settings: Settings, sessions: sessionmaker[Session], job: ClaimedJob, shutdown: threading.Event
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    job: ClaimedJob,
+    shutdown: threading.Event,
+    resident: ResidentBase,
 ) -> None:
     fence = Fence(sessions, job.id, job.attempt)
     store.remove_job_temps(settings, job.id)
@@ -250,7 +261,7 @@ def run_job(
             with sessions() as session:
                 checkpoint = store.latest_checkpoint(session, settings, job.id)
             resume_from = settings.data_dir / checkpoint.path if checkpoint else None
-            result = _train(settings, job, JobHooks(settings, job, fence, lease), resume_from)
+            result = _train(settings, job, JobHooks(settings, job, fence, lease), resident, resume_from)
             lease.control()  # raises JobLost if the job was cancelled during the last step
             if result.outcome == "continue":
                 store.publish_adapter(settings, fence, job, result.save_adapter, result.trained_tokens)
@@ -283,6 +294,7 @@ def run_job(
     finally:
         result = None
         store.remove_job_temps(settings, job.id)
+        resident.end_job()
         gc.collect()
         if "torch" in sys.modules:
             from worker.pipeline import release_memory
@@ -364,6 +376,7 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None) ->
     worker_id = settings.worker_id or default_worker_id()
     engine = make_engine(settings.resolved_database_url)
     sessions = sessionmaker(engine, expire_on_commit=False)
+    resident = ResidentBase()
     log.info("worker %s started", worker_id)
     try:
         while not stop.is_set():
@@ -376,7 +389,7 @@ def run_worker(settings: Settings, stop_event: threading.Event | None = None) ->
                 stop.wait(settings.poll_seconds)
                 continue
             log.info("job %s attempt %s claimed", job.id, job.attempt)
-            run_job(settings, sessions, job, stop)
+            run_job(settings, sessions, job, stop, resident)
     finally:
         engine.dispose()
         log.info("worker %s stopped", worker_id)

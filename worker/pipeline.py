@@ -1,7 +1,9 @@
 """The QLoRA recipe, one readable file: setup → train → save.
 
 setup: load the base model in 4-bit NF4 with double quantization, `prepare_model_for_kbit_training`
-(gradient checkpointing, use_reentrant=False), attach LoRA. train: AdamW with linear warmup/decay,
+(gradient checkpointing, use_reentrant=False), attach LoRA. The worker keeps the prepared base
+resident: the next job on the same base attaches its LoRA to it, and every job's LoRA is taken off
+again when the job ends (`ResidentBase`). train: AdamW with linear warmup/decay,
 loss on completion/assistant tokens only, optional packing, validation loss, metrics and
 checkpoints through `TrainingHooks`. One step is `batch_size` examples; they are laid out as rows
 of `max_seq_length` tokens (bin-packed, position ids restarting per example so attention is
@@ -16,6 +18,7 @@ or a resumed job continues from the same step.
 The worker loop owns the database and the artifact store; this file owns the model and the math.
 """
 
+import gc
 import json
 import math
 import time
@@ -39,7 +42,7 @@ from app.core.hyperparameters import Hyperparameters, TrainingHyperparameters
 from app.core.settings import Settings
 from worker.data import IGNORE_INDEX, Example, collate, epoch_order, load_examples
 from worker.errors import UserError
-from worker.hooks import TrainingHooks, TrainResult
+from worker.hooks import ResidentBase, TrainingHooks, TrainResult
 from worker.lora_forward import use_fused_lora_forward
 from worker.memory import GIB, LOSS_CHUNK_TOKENS, TrainShape, micro_batch_tokens
 
@@ -179,6 +182,47 @@ def attach_lora(model, config: TrainConfig):
     )
     model = get_peft_model(model, lora)
     use_fused_lora_forward(model)
+    return model
+
+
+def detach_lora(model) -> None:
+    """Take the LoRA off a model that attach_lora wrapped: PEFT's `unload` puts the original
+    modules back (no LoRA layers or weights stay) and drops its config from the base; the base's
+    own parameters are frozen, so they hold no gradients. Eval mode, as from_pretrained left it."""
+    model.unload().eval()
+
+
+def base_source(base_model_dir: Path, device: str) -> tuple:
+    """What a loaded base came from: its directory, its files as they are now (a base replaced in
+    place is loaded again) and the device."""
+    directory = base_model_dir.resolve()
+    files = tuple(
+        (path.name, stat.st_size, stat.st_mtime_ns)
+        for path in sorted(directory.iterdir())
+        if path.is_file()
+        for stat in [path.stat()]
+    )
+    return directory, files, device
+
+
+def resident_base_model(resident: ResidentBase, config: TrainConfig, hooks: TrainingHooks):
+    """The job's base: the worker's resident one if it came from the same files on the same device,
+    else loaded now, once the old one is freed (two bases need not fit at once)."""
+    source = base_source(config.base_model_dir, config.device)
+    if resident.model is not None and resident.source == source:
+        hooks.log("Base model already resident", {"base_model_resident": True})
+        return resident.model
+    resident.forget()
+    gc.collect()
+    release_memory()
+    start = time.monotonic()
+    model = load_base_model(config.base_model_dir, config.device)
+    seconds = time.monotonic() - start
+    resident.model, resident.source = model, source  # before the event, which raises if the job is lost
+    hooks.log(
+        f"Base model loaded in {seconds:.1f} s",
+        {"base_model_resident": False, "load_seconds": round(seconds, 3)},
+    )
     return model
 
 
@@ -408,8 +452,11 @@ def resolve_hyperparameters(job: JobConfig, train_set: list[Example], hooks: Tra
     return job.train_config(resolved)
 
 
-def train(job: JobConfig, hooks: TrainingHooks, resume_from: Path | None = None) -> TrainResult:
-    torch.manual_seed(job.seed)
+def train(
+    job: JobConfig, hooks: TrainingHooks, resident: ResidentBase, resume_from: Path | None = None
+) -> TrainResult:
+    """Train on the resident base (loaded first if it is another one); the LoRA stays attached for
+    the caller to publish through `save_adapter`, then `resident.end_job()` takes it off."""
     tokenizer = AutoTokenizer.from_pretrained(job.base_model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_seq_length = job.hyperparameters.max_seq_length
@@ -421,7 +468,17 @@ def train(job: JobConfig, hooks: TrainingHooks, resume_from: Path | None = None)
     )
     config = resolve_hyperparameters(job, train_set, hooks)
 
-    model = attach_lora(load_base_model(config.base_model_dir, config.device), config)
+    base = resident_base_model(resident, config, hooks)
+    # Seeded once the base is there, so that the LoRA's initial weights cannot depend on whether
+    # the base was loaded or already resident.
+    torch.manual_seed(config.seed)
+    try:
+        model = attach_lora(base, config)
+    except Exception as exc:
+        if not isinstance(exc, UserError):  # attach_lora raises those before it touches the base
+            resident.forget()  # a LoRA injected in part cannot be taken off: the next job reloads
+        raise
+    resident.detach = lambda: detach_lora(model)
     config = fit_micro_batches(model, config)
     if config.device == "cuda":
         hooks.log(
@@ -459,6 +516,7 @@ def train(job: JobConfig, hooks: TrainingHooks, resume_from: Path | None = None)
 
     model.train()
     last_saved, window_losses, window_tokens, window_start = step, [], 0, time.monotonic()
+    first_step = step + 1  # this attempt's: its metrics event says how long the start took
     while step < total_steps:
         action = hooks.control()
         if action != "continue":
@@ -476,10 +534,10 @@ def train(job: JobConfig, hooks: TrainingHooks, resume_from: Path | None = None)
         real_tokens = sum(len(ex.input_ids) for ex in chunk)
         trained_tokens += real_tokens
         window_tokens += real_tokens
-        window_losses.append(float(loss.detach()))
+        window_losses.append(float(loss.detach()))  # waits for the step's kernels on CUDA
 
         save_now = step % config.checkpoint_every_steps == 0 or step % steps_per_epoch == 0
-        if save_now or step % LOG_EVERY_STEPS == 0:
+        if save_now or step % LOG_EVERY_STEPS == 0 or step == first_step:
             elapsed = max(time.monotonic() - window_start, 1e-9)
             metrics = {
                 "step": step,
@@ -488,6 +546,8 @@ def train(job: JobConfig, hooks: TrainingHooks, resume_from: Path | None = None)
                 "learning_rate": scheduler.get_last_lr()[0],
                 "tokens_per_second": window_tokens / elapsed,
             }
+            if step == first_step:
+                metrics["since_claim_s"] = round(time.monotonic() - hooks.claimed_at, 3)
             message = f"Step {step}/{total_steps}: training loss={metrics['train_loss']:.4f}"
             if valid_set and save_now:
                 metrics["valid_loss"] = validation_loss(model, valid_set, config, pad_id)
