@@ -162,11 +162,11 @@ def assert_as_loaded(model, loaded: tuple[dict, dict]) -> None:
     assert all(torch.equal(tensors[name], tensor) for name, tensor in loaded[1].items())
 
 
-def train_config(base_dir, tmp_path, **hyperparameters) -> pipeline.TrainConfig:
+def job_config(base_dir, tmp_path, **hyperparameters) -> pipeline.JobConfig:
     """Two prompt/completion examples, one per step."""
     training_file = tmp_path / "train.jsonl"
     training_file.write_text("".join(f'{{"prompt": "{a}+1=", "completion": "{a + 1}"}}\n' for a in range(2)))
-    return pipeline.TrainConfig.from_job(
+    return pipeline.JobConfig.from_job(
         TrainingHyperparameters.model_construct(**{**HYPERPARAMETERS, **hyperparameters}).model_dump(),
         base_model_dir=base_dir,
         training_file=training_file,
@@ -182,12 +182,11 @@ def resident_flags(hooks: RecordingHooks) -> list[bool]:
 
 
 def test_the_resident_base_is_as_loaded_after_each_job(base_model_dir, tmp_path):
-    config = train_config(base_model_dir, tmp_path)
     resident, hooks = ResidentBase(), RecordingHooks(tmp_path)
-    base = pipeline.resident_base_model(resident, config, hooks)
+    base = pipeline.resident_base_model(resident, job_config(base_model_dir, tmp_path), hooks)
     loaded = as_loaded(base)
     for hyperparameters in ({}, {"lora_r": 4, "target_modules": ["q_proj", "v_proj"]}):
-        result = pipeline.train(config.model_copy(update=hyperparameters), hooks, resident)
+        result = pipeline.train(job_config(base_model_dir, tmp_path, **hyperparameters), hooks, resident)
         assert result.outcome == "continue" and result.step == 2
         result.save_adapter(tmp_path / f"adapter-{len(hooks.events)}")
         resident.end_job()
@@ -204,7 +203,7 @@ def test_a_job_on_another_base_replaces_the_resident_one(base_model_dir, tmp_pat
     resident, hooks = ResidentBase(), RecordingHooks(tmp_path)
     bases = []
     for directory in (first, second, second, first):
-        pipeline.train(train_config(directory, tmp_path), hooks, resident)
+        pipeline.train(job_config(directory, tmp_path), hooks, resident)
         resident.end_job()
         bases.append(weakref.ref(resident.model))
     assert resident_flags(hooks) == [False, False, True, False]
