@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench import serve  # noqa: E402
 from bench._results import LATEST, merge  # noqa: E402
+from bench.shapes import build_checkpoint  # noqa: E402
 
 TINY = Path(tempfile.gettempdir()) / "tf-http-path" / "tiny-llama"
 ADAPTERS = TINY.parent / "adapters"
@@ -31,27 +32,14 @@ VOCAB = 1000  # bench/serve.py's prompts are numbers 100..998; the word tokenize
 
 
 def build_tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if (TINY / "config.json").exists():
         return
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(TINY)
+    build_checkpoint("tiny", str(TINY))
     serve.ensure_tokenizer(str(TINY), VOCAB)
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
 
     for i in range(serve.N_AD):
         torch.manual_seed(i)

@@ -40,8 +40,6 @@ from bench.serve import _cli, ensure_tokenizer  # noqa: E402
 from bench.shapes import RESULT_KEYS, SHAPES, build_checkpoint  # noqa: E402
 from bench.train import synthetic_examples  # noqa: E402
 
-TINY = Path(tempfile.gettempdir()) / "tf-job-tiny"
-TINY_VOCAB = 1000
 POLL_S = 0.1
 # In this order on one worker: the first job loads the base, the second finds it resident if the
 # worker keeps it (warm workers), as the default-hyperparameter job of a user on a busy service would.
@@ -49,29 +47,6 @@ JOBS = {
     "batch128": {"n_epochs": 1, "batch_size": 128},
     "default": {"n_epochs": 1},
 }
-
-
-def build_tiny() -> Path:
-    """A 2-layer Llama with a 1,000-word vocabulary: trains a step in well under a second on a CPU."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if not (TINY / "config.json").exists():
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=TINY_VOCAB,
-            max_position_embeddings=1024,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(TINY)
-    return TINY
 
 
 def write_examples(path: Path, n: int, vocab: int) -> int:
@@ -206,10 +181,8 @@ def main():
     ap.add_argument("--port", type=int, default=8767)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each job may take")
     a = ap.parse_args()
-    if a.device == "cpu":
-        checkpoint, vocab = build_tiny(), TINY_VOCAB
-    else:
-        checkpoint, vocab = Path(build_checkpoint(a.model_shape)), SHAPES[a.model_shape][1]["vocab_size"]
+    shape = "tiny" if a.device == "cpu" else a.model_shape
+    checkpoint, vocab = Path(build_checkpoint(shape)), SHAPES[shape][1]["vocab_size"]
     ensure_tokenizer(str(checkpoint), vocab)
     base = checkpoint.name
     data_dir = Path(tempfile.mkdtemp(prefix="tf-job-"))

@@ -8,7 +8,7 @@ import os
 import torch
 
 # Section of docs/benchmarks/latest.json each shape's figures go to ("train" nests its own).
-RESULT_KEYS = {"tinyllama": "", "mistral7b": "_7b", "qwen3": "_qwen3"}
+RESULT_KEYS = {"tinyllama": "", "mistral7b": "_7b", "qwen3": "_qwen3", "tiny": "_tiny"}
 
 _SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=2, max_position_embeddings=4096)
 SHAPES = {
@@ -41,6 +41,19 @@ SHAPES = {
             rope_theta=10000.0,
             sliding_window=None,
             tie_word_embeddings=False,
+        ),
+    ),
+    # A 2-layer Llama with a 1,000-word vocabulary, for CPU runs of the scripts (bench/job.py
+    # --device cpu, bench/http_path.py): a training step takes well under a second.
+    "tiny": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
         ),
     ),
     # Qwen3-1.7B: per-head q/k RMSNorm, head_dim 128, tied embeddings, a 151,936-token vocabulary.
