@@ -11,7 +11,12 @@ import typer
 import uvicorn
 
 from app.core.adapter_files import AdapterFileError
-from app.core.base_models import UnknownBaseModel, available_base_models, resolve_base_model
+from app.core.base_models import (
+    BaseModelUnavailable,
+    UnknownBaseModel,
+    available_base_models,
+    resolve_base_model,
+)
 from app.core.db import session_scope
 from app.core.migrate import upgrade
 from app.core.model_families import UnsupportedBaseModel, describe_base_model
@@ -195,7 +200,7 @@ def models_bases() -> None:
     for name in configured:
         try:
             info = describe_base_model(name, resolve_base_model(name, settings))
-        except (UnknownBaseModel, UnsupportedBaseModel) as exc:  # not to be had, or no config.json
+        except (UnknownBaseModel, BaseModelUnavailable, UnsupportedBaseModel) as exc:
             typer.echo(f"{name}\t-\t-\t-\tno\tno: {exc}")
             continue
         if not info.supported:

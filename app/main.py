@@ -33,14 +33,17 @@ async def lifespan(app: FastAPI):
         engine.start()
         return engine
 
-    # A base that cannot be served is refused, saying why; the others are served all the same.
-    for name in served.names:
-        try:
-            served.serve(name, await asyncio.to_thread(start_engine, name))
-        except (UnsupportedBaseModel, UnsupportedModel) as exc:
-            served.refuse(name, str(exc))
-            log.error("not serving base model %s: %s", name, exc)
     try:
+        # A base that cannot be served is refused, saying why; the others are served all the same.
+        for name in served.names:
+            try:
+                served.serve(name, await asyncio.to_thread(start_engine, name))
+            except (UnsupportedBaseModel, UnsupportedModel) as exc:
+                served.refuse(name, str(exc))
+                log.error("not serving base model %s: %s", name, exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory for this one
+                served.refuse(name, f"its engine failed to start ({type(exc).__name__}: {exc})")
+                log.exception("not serving base model %s: its engine failed to start", name)
         yield
     finally:
         await asyncio.to_thread(served.stop)

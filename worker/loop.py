@@ -9,6 +9,7 @@ Between jobs the worker keeps the last base model loaded (worker/hooks.py Reside
 LoRA is taken off it when the job ends, however it ends.
 """
 
+import dataclasses
 import gc
 import logging
 import os
@@ -206,6 +207,8 @@ class JobHooks:
 
     def record_hyperparameters(self, hyperparameters: dict, message: str, data: dict) -> None:
         self.fence.event(message, data=data, hyperparameters=hyperparameters)
+        # Checkpoint and adapter manifests record what the job trains with, not "auto".
+        self.job = dataclasses.replace(self.job, hyperparameters=hyperparameters)
 
     def save_checkpoint(self, step: int, write, metrics: dict) -> None:
         store.save_checkpoint(self.settings, self.fence, self.job, step, write, metrics)
@@ -261,10 +264,12 @@ def run_job(
             with sessions() as session:
                 checkpoint = store.latest_checkpoint(session, settings, job.id)
             resume_from = settings.data_dir / checkpoint.path if checkpoint else None
-            result = _train(settings, job, JobHooks(settings, job, fence, lease), resident, resume_from)
+            hooks = JobHooks(settings, job, fence, lease)
+            result = _train(settings, job, hooks, resident, resume_from)
             lease.control()  # raises JobLost if the job was cancelled during the last step
             if result.outcome == "continue":
-                store.publish_adapter(settings, fence, job, result.save_adapter, result.trained_tokens)
+                # hooks.job: with "auto" hyperparameters resolved, as the manifest should record them
+                store.publish_adapter(settings, fence, hooks.job, result.save_adapter, result.trained_tokens)
             elif result.outcome == "pause":
                 fence.event(
                     f"Job paused at step {result.step}",
@@ -293,8 +298,8 @@ def run_job(
         _retry_or_fail(settings, fence, job, exc)
     finally:
         result = None
+        resident.end_job()  # first: a failing store below must not leave the LoRA on the base
         store.remove_job_temps(settings, job.id)
-        resident.end_job()
         gc.collect()
         if "torch" in sys.modules:
             from worker.pipeline import release_memory

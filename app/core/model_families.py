@@ -52,7 +52,13 @@ class BaseModelInfo:
 
 
 def _safetensors_parameters(directory: Path) -> int | None:
-    files = sorted(directory.glob("*.safetensors"))
+    # A sharded checkpoint names its shards in the index; other .safetensors files beside them
+    # (another layout of the same weights) are not the model's.
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({directory / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
     total = 0

@@ -8,7 +8,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.base_models import UnknownBaseModel, available_base_models, resolve_base_model
+from app.core.base_models import (
+    BaseModelUnavailable,
+    UnknownBaseModel,
+    available_base_models,
+    resolve_base_model,
+)
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import Settings
@@ -115,7 +120,7 @@ def _check_family(name: str, settings: Settings) -> None:
         return
     try:
         directory = resolve_base_model(name, settings, download=False)
-    except UnknownBaseModel:
+    except (UnknownBaseModel, BaseModelUnavailable):
         return
     if not (directory / "config.json").is_file():
         return

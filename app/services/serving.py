@@ -2,7 +2,7 @@
 TUNEFORGE_SERVE_BASE_MODELS (or TUNEFORGE_SERVE_BASE_MODEL), and the bases it refused at start,
 each with why. A request goes to the engine of its model's base."""
 
-from app.core.base_models import UnknownBaseModel, resolve_base_model
+from app.core.base_models import BaseModelUnavailable, UnknownBaseModel, resolve_base_model
 from app.core.errors import InvalidRequest, ServiceUnavailable
 from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import Settings
@@ -15,6 +15,8 @@ def check_served_base(name: str, settings: Settings) -> None:
     supported (UnsupportedBaseModel, naming the base, its family and what is supported)."""
     try:
         directory = resolve_base_model(name, settings)
+    except BaseModelUnavailable as exc:
+        raise UnsupportedBaseModel(str(exc)) from exc
     except UnknownBaseModel as exc:
         if name in settings.base_models:  # configured, but its hub id is not to be had
             raise UnsupportedBaseModel(str(exc)) from exc

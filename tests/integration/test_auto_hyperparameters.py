@@ -9,6 +9,7 @@ from openai.types.fine_tuning import FineTuningJob
 
 from app.core.db import get_sessionmaker
 from app.core.settings import EMBEDDED_BASE_MODEL
+from app.models import Model
 from app.schemas import JobCreate, JobPublic
 from app.services import files, jobs, keys
 from tests.conftest import link_base_model
@@ -45,6 +46,11 @@ def test_worker_resolves_auto_from_the_tokens_and_records_it(settings, base_mode
     assert (hyperparameters["batch_size"], hyperparameters["n_epochs"]) == (1, 1)
     assert hyperparameters["learning_rate_multiplier"] == 1.0
     assert hyperparameters["learning_rate"] == pytest.approx(2e-4)
+    # The published adapter's manifest records them too, not "auto".
+    with get_sessionmaker()() as s:
+        model = s.get(Model, done.output_model)
+        manifest = json.loads((settings.data_dir / model.path / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["batch_size"] == 1
 
     [resolved] = [e for e in events(job.id) if e.message.startswith("Hyperparameters:")]
     assert resolved.data["batch_size"] == 1 and resolved.data["learning_rate_multiplier"] == 1.0
