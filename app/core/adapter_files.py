@@ -58,19 +58,23 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     return header
 
 
+def base_weight_files(base_dir: Path) -> list[Path]:
+    """The files that hold a base checkpoint's weights: the shards its index names, else
+    model.safetensors (other .safetensors files beside them, another layout of the same weights,
+    are not the model's)."""
+    index = base_dir / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({base_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return [base_dir / "model.safetensors"]
+
+
 @functools.lru_cache(maxsize=16)
 def base_linear_shapes(base_dir: Path) -> dict[str, tuple[int, int]]:
     """Module name -> (out_features, in_features) of every linear layer inside the decoder layers.
     Cached: a base model's files never change under a process that serves or trains on it, and
     every adapter load checks against them. Callers must not modify the result."""
-    index = base_dir / "model.safetensors.index.json"
-    files = (
-        sorted({base_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-        if index.exists()
-        else [base_dir / "model.safetensors"]
-    )
     shapes = {}
-    for file in files:
+    for file in base_weight_files(base_dir):
         for name, info in read_safetensors_header(file).items():
             if ".layers." in name and name.endswith(".weight") and len(info["shape"]) == 2:
                 shapes[name.removesuffix(".weight")] = tuple(info["shape"])

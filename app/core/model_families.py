@@ -4,8 +4,11 @@ loading it: the API, the CLI and job creation decide on a base before any torch 
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 from pathlib import Path
+
+from app.core.adapter_files import base_weight_files, read_safetensors_header
 
 FAMILIES: dict[str, str] = {
     "llama": "Llama (Llama 2, Llama 3.x incl. llama3 rope scaling, TinyLlama, SmolLM2)",
@@ -32,8 +35,16 @@ class BaseModelInfo:
     name: str
     path: Path
     model_type: str
-    parameters: int | None  # counted from the safetensors headers; None without safetensors
     dtype: str | None
+
+    @cached_property
+    def parameters(self) -> int | None:
+        """Counted from the weight files' safetensors headers (read only when asked: a support check
+        needs none of it); None without safetensors weights."""
+        files = [path for path in base_weight_files(self.path) if path.is_file()]
+        if not files:
+            return None
+        return sum(prod(info["shape"]) for path in files for info in read_safetensors_header(path).values())
 
     @property
     def family(self) -> str:
@@ -51,25 +62,6 @@ class BaseModelInfo:
             )
 
 
-def _safetensors_parameters(directory: Path) -> int | None:
-    # A sharded checkpoint names its shards in the index; other .safetensors files beside them
-    # (another layout of the same weights) are not the model's.
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({directory / shard for shard in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for path in files:
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        header.pop("__metadata__", None)
-        total += sum(prod(info["shape"]) for info in header.values())
-    return total
-
-
 def describe_base_model(name: str, directory: Path) -> BaseModelInfo:
     """Family, size and dtype of the checkpoint in `directory`; a missing or unreadable config is
     an UnsupportedBaseModel naming the directory."""
@@ -84,6 +76,5 @@ def describe_base_model(name: str, directory: Path) -> BaseModelInfo:
         name=name,
         path=directory,
         model_type=config.get("model_type", "unknown"),
-        parameters=_safetensors_parameters(directory),
         dtype=config.get("dtype") or config.get("torch_dtype"),
     )
