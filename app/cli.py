@@ -23,7 +23,7 @@ from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import EMBEDDED_BASE_MODEL, get_settings
 from app.services.adapter_import import import_adapter
 from app.services.keys import create_key, get_or_create_tenant, list_keys, revoke_key
-from app.services.serving import SERVE_SETTING, check_served_base
+from app.services.serving import SERVE_SETTING
 from worker.loop import run_worker
 
 app = typer.Typer(
@@ -55,7 +55,7 @@ def api() -> None:
     """Run the HTTP API and an inference engine for each served base model."""
     settings = get_settings()
     upgrade(settings.resolved_database_url)
-    _prepare_base_models()
+    # Each served base is checked as its engine starts; a refused one is logged with why.
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -72,24 +72,20 @@ def worker() -> None:
     run_worker(get_settings())
 
 
-def _prepare_base_models() -> None:
-    """Materialise the embedded base if it is served, and say which served bases are refused (the
-    API starts all the same and serves the others)."""
+def _prepare_embedded_base_model() -> None:
+    """Materialise the embedded base once, before the API and the worker start, if it is served."""
     settings = get_settings()
-    for name in settings.served_base_models:
-        if name == EMBEDDED_BASE_MODEL and not (settings.base_models_dir / name / "config.json").exists():
+    if EMBEDDED_BASE_MODEL in settings.served_base_models:
+        if not (settings.base_models_dir / EMBEDDED_BASE_MODEL / "config.json").exists():
             typer.echo(f"preparing base model {EMBEDDED_BASE_MODEL} (first run only: about 30 s)")
-        try:
-            check_served_base(name, settings)
-        except UnsupportedBaseModel as exc:
-            typer.echo(f"not serving {name}: {exc}", err=True)
+        resolve_base_model(EMBEDDED_BASE_MODEL, settings)
 
 
 @app.command()
 def up() -> None:
     """Run the API and one worker until Ctrl-C or SIGTERM, which stops both cleanly."""
     migrate()
-    _prepare_base_models()
+    _prepare_embedded_base_model()
     exe = [sys.executable, "-m", "app.cli"]
     children = {
         "api": subprocess.Popen([*exe, "api"]),
