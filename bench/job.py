@@ -25,7 +25,6 @@ instead of the shape, to check the script on a machine without a GPU; it prints 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._processes import api_ready, start, stop, wait_until  # noqa: E402
 from bench._results import merge  # noqa: E402
 from bench.serve import _cli, ensure_tokenizer  # noqa: E402
 from bench.shapes import RESULT_KEYS, SHAPES, build_checkpoint  # noqa: E402
@@ -62,36 +62,6 @@ def write_examples(path: Path, n: int, vocab: int) -> int:
             f.write(json.dumps(row) + "\n")
             tokens += len(ids)
     return tokens
-
-
-def start(name: str, env: dict, log_dir: Path) -> tuple[subprocess.Popen, Path]:
-    log = log_dir / f"{name}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", name],
-        env=env,
-        cwd=ROOT,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-    )
-    return proc, log
-
-
-def wait_until(ready, procs: dict, what: str, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while not ready():
-        for name, (proc, log) in procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"tuneforge {name} exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        if time.time() > deadline:
-            raise RuntimeError(f"{what} not ready in {timeout:.0f} s")
-        time.sleep(0.5)
-
-
-def api_ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def events(client: httpx.Client, job_id: str) -> list[dict]:
@@ -200,7 +170,7 @@ def main():
     key = _cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
     # Logs into $OUT (if set) so that they come back from the device even when a job fails.
     log_dir = Path(os.environ.get("OUT") or data_dir)
-    procs = {name: start(name, env, log_dir) for name in ("api", "worker")}
+    procs = {name: start(name, env, log_dir / f"{name}.log") for name in ("api", "worker")}
     url = f"http://127.0.0.1:{a.port}"
     try:
         wait_until(lambda: api_ready(url), procs, "tuneforge api")
@@ -213,13 +183,7 @@ def main():
                 jobs[name] = run_job(client, base, file_id, hyperparameters, a.timeout)
                 print(name, json.dumps(jobs[name]), flush=True)
     finally:
-        for proc, _ in procs.values():
-            proc.terminate()
-        for proc, _ in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
     suffix = RESULT_KEYS[a.model_shape]
     out = {
         f"default_job{suffix}_tokens_per_s": jobs["default"]["tokens_per_s"],

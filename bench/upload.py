@@ -20,7 +20,6 @@ import os
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._processes import api_ready, start, stop, wait_until  # noqa: E402
 from bench._results import LATEST, merge  # noqa: E402
 from bench.serve import _cli  # noqa: E402
 
@@ -104,32 +104,16 @@ def sample_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
 def measure(path: Path, fmt: str, env: dict, port: int, log: Path) -> dict:
     env = {**env, "TUNEFORGE_PORT": str(port)}
     key = _cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api"],
-        env=env,
-        cwd=ROOT,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-    )
+    procs = {"api": start("api", env, log)}
+    proc = procs["api"][0]
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"tuneforge api exited ({proc.returncode}): {log.read_text()[-2000:]}")
-            if time.time() > deadline:
-                raise RuntimeError("tuneforge api not ready in 300 s")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until(lambda: api_ready(url), procs, "tuneforge api", timeout=300)
         time.sleep(2)  # let the engine's start-up allocations settle before the baseline
         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
         before = status(proc.pid)["VmRSS"]
-        peak, stop = [before], threading.Event()
-        sampler = threading.Thread(target=sample_rss, args=(proc.pid, stop, peak))
+        peak, uploaded = [before], threading.Event()
+        sampler = threading.Thread(target=sample_rss, args=(proc.pid, uploaded, peak))
         sampler.start()
         client_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         size = path.stat().st_size
@@ -142,7 +126,7 @@ def measure(path: Path, fmt: str, env: dict, port: int, log: Path) -> dict:
                 data={"purpose": "fine-tune"},
             )
             t1 = time.perf_counter()
-        stop.set()
+        uploaded.set()
         sampler.join()
         after = status(proc.pid)
         if response.status_code != 200:
@@ -165,11 +149,7 @@ def measure(path: Path, fmt: str, env: dict, port: int, log: Path) -> dict:
             ),
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(procs, timeout=30)
 
 
 def main():
