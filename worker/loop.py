@@ -234,7 +234,7 @@ def _train(
         describe_base_model(job.model, base_model_dir).check_supported()
     except UnsupportedBaseModel as exc:
         raise UserError("model_not_supported", str(exc), "model") from None
-    from worker import pipeline  # torch is imported only by workers that train
+    from worker import pipeline, ranks  # torch is imported only by workers that train
 
     config = pipeline.JobConfig.from_job(
         job.hyperparameters,
@@ -246,7 +246,7 @@ def _train(
         checkpoint_every_steps=settings.checkpoint_every_steps,
         train_memory_gib=settings.train_memory_gib,
     )
-    return pipeline.train(config, hooks, resident, resume_from)
+    return ranks.train(config, hooks, resident, resume_from, settings.worker_gpus)
 
 
 def run_job(

@@ -41,6 +41,7 @@ from app.core.errors import validation_message
 from app.core.hyperparameters import Hyperparameters, TrainingHyperparameters
 from app.core.settings import Settings
 from worker.data import IGNORE_INDEX, Example, collate, epoch_order, load_examples
+from worker.distributed import DataParallel
 from worker.errors import UserError
 from worker.hooks import ResidentBase, TrainingHooks, TrainResult
 from worker.lora_forward import use_fused_lora_forward
@@ -125,7 +126,7 @@ def load_base_model(base_model_dir: Path, device: str):
         base_model_dir,
         quantization_config=quantization,
         dtype=compute_dtype,
-        device_map={"": 0 if device == "cuda" else "cpu"},
+        device_map={"": torch.cuda.current_device() if device == "cuda" else "cpu"},
     )
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -375,11 +376,20 @@ def micro_batch_loss_sum(model, batch: dict, device: str) -> torch.Tensor:
     return total
 
 
-def fast_step(model, examples: list[Example], pad_id: int, config: TrainConfig) -> torch.Tensor:
+def target_count(examples: list[Example]) -> int:
+    """The positions of `examples` that have a target (every label but an example's first)."""
+    return sum(sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in examples)
+
+
+def fast_step(
+    model, examples: list[Example], pad_id: int, config: TrainConfig, n_targets: int | None = None
+) -> torch.Tensor:
     """Forward + backward of one step: mean loss per target token over all its examples
-    (what `_forward_loss` gives on a `collate` batch of the same examples). Returns the loss, detached."""
+    (what `_forward_loss` gives on a `collate` batch of the same examples), or the loss summed
+    over `examples` divided by `n_targets`. Returns the loss, detached."""
     batches = micro_batches(examples, pad_id, config)
-    n_targets = sum(len(b["targets"]) for b in batches)
+    if n_targets is None:
+        n_targets = sum(len(b["targets"]) for b in batches)
     total = None
     for batch in batches:
         loss = micro_batch_loss_sum(model, batch, config.device) / max(n_targets, 1)
@@ -388,23 +398,34 @@ def fast_step(model, examples: list[Example], pad_id: int, config: TrainConfig) 
     return total
 
 
-def plain_step(model, examples: list[Example], pad_id: int, config: TrainConfig) -> torch.Tensor:
+def plain_step(
+    model, examples: list[Example], pad_id: int, config: TrainConfig, n_targets: int | None = None
+) -> torch.Tensor:
     """The same step through transformers' own forward and loss on a padded batch."""
     loss = _forward_loss(model, collate(examples, pad_id), config.device)
+    if n_targets is not None:
+        loss = loss * (target_count(examples) / n_targets)
     loss.backward()
     return loss.detach()
 
 
-def train_step(model, examples: list[Example], pad_id: int, config: TrainConfig) -> torch.Tensor:
-    """What `train` runs per step: the fast path, unless the model post-processes its logits."""
+def train_step(
+    model, examples: list[Example], pad_id: int, config: TrainConfig, n_targets: int | None = None
+) -> torch.Tensor:
+    """What `train` runs per step: the fast path, unless the model post-processes its logits.
+    `n_targets`: the whole step's, when `examples` are one rank's share of it."""
+    if not examples:  # a rank's share of a step of fewer examples than ranks
+        return torch.zeros((), device=config.device)
     if _uses_plain_logits(model):
-        return fast_step(model, examples, pad_id, config)
-    return plain_step(model, examples, pad_id, config)
+        return fast_step(model, examples, pad_id, config, n_targets)
+    return plain_step(model, examples, pad_id, config, n_targets)
 
 
 @torch.no_grad()
 def validation_loss(model, examples: list[Example], config: TrainConfig, pad_id: int) -> float:
-    """Mean loss per target token over the whole validation set."""
+    """Mean loss per target token over the whole validation set (each rank takes its share)."""
+    data_parallel = DataParallel.current()
+    examples = data_parallel.shard(examples)
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(examples), config.batch_size):
@@ -418,6 +439,7 @@ def validation_loss(model, examples: list[Example], config: TrainConfig, pad_id:
             total += float(micro_batch_loss_sum(model, batch, config.device))
             tokens += len(batch["targets"])
     model.train()
+    total, tokens = data_parallel.sum_values(total, tokens)
     return total / max(tokens, 1)
 
 
@@ -487,6 +509,7 @@ def train(
         )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, config)
+    data_parallel = DataParallel.current()
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.n_epochs * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(
@@ -527,7 +550,9 @@ def train(
         epoch, index = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_set), config.seed, epoch)
         chunk = [train_set[i] for i in order[index * config.batch_size : (index + 1) * config.batch_size]]
-        loss = train_step(model, chunk, pad_id, config)
+        # This rank's share of the step, then what one process would hold for the whole step.
+        loss = train_step(model, data_parallel.shard(chunk), pad_id, config, target_count(chunk))
+        loss = data_parallel.sum_gradients(trainable, loss)
         optimizer_step(trainable, optimizer, scheduler)
 
         step += 1
@@ -600,6 +625,7 @@ def bench_train(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, config)
+    data_parallel = DataParallel.current()
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_FRACTION * steps), steps)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     order = epoch_order(len(data), seed, 0)
@@ -616,7 +642,8 @@ def bench_train(
         if len(picked) < config.batch_size:
             raise ValueError(f"{len(data)} examples are too few for {steps} steps of {config.batch_size}")
         chunk = [data[i] for i in picked]
-        losses.append(train_step(model, chunk, pad_id, config))
+        loss = train_step(model, data_parallel.shard(chunk), pad_id, config, target_count(chunk))
+        losses.append(data_parallel.sum_gradients(trainable, loss))
         optimizer_step(trainable, optimizer, scheduler)
         n = sum(len(ex.input_ids) for ex in chunk)
         cumulative += n

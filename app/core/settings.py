@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BASE_MODEL = "SmolLM2-135M-Instruct"
@@ -41,11 +41,27 @@ class Settings(BaseSettings):
     # None: whatever the device has free.
     train_memory_gib: float | None = Field(None, gt=0)
     keep_checkpoints: int = 3
+    # The devices one job trains on, data-parallel: CUDA indices as this process sees them
+    # ("0,1") or "all" visible ones; unset, the first one. With device cpu, as many CPU processes
+    # (gloo) as indices. A worker setting, not a job field: a tenant cannot claim a whole host.
+    worker_gpus: str | None = None
     # Inference engine: adapter tiers and batching.
     gpu_adapter_slots: int = 8
     cpu_adapter_cache: int = 32
     max_batch_size: int = 32
     max_context_tokens: int = 2048
+
+    @field_validator("worker_gpus")
+    @classmethod
+    def _device_list(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value.strip() == "all":
+            return "all"
+        indices = [part.strip() for part in value.split(",")]
+        if not all(part.isdigit() for part in indices) or len(set(map(int, indices))) != len(indices):
+            raise ValueError('a comma-separated list of distinct device indices such as "0,1", or "all"')
+        return ",".join(str(int(part)) for part in indices)
 
     @property
     def served_base_models(self) -> list[str]:
