@@ -5,12 +5,19 @@ Builds a model of that shape with random weights on the device (bench/shapes.py)
 data (lognormal lengths, median ~134, max 512). Measures real (non-pad) tokens/s after warm-up, peak GPU
 memory, and loss vs tokens. Results merged into docs/benchmarks/latest.json under "train" (the 1.1B
 shape) or "train" -> "train_7b" / "train_qwen3".
+
+--gpus N (N > 1): Tuneforge's recipe on one GPU, then the same steps at the same global batch
+data-parallel on N GPUs (worker/distributed.py), whose ranks torchrun starts; the scaling (N-GPU
+tokens/s over one GPU's, same run) goes to "train" -> "train_Ngpu" / "train_7b_Ngpu". --device cpu
+runs the tiny shape instead (gloo ranks with --gpus): a smoke run that prints and merges nothing.
 """
 
 import argparse
 import json
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,11 +30,11 @@ from bench.shapes import RESULT_KEYS, SHAPES, build_checkpoint
 WARM = 3
 
 
-def synthetic_examples(n, seed=0):
+def synthetic_examples(n, seed=0, vocab=32000):
     """n lists of token ids, lognormal lengths (median ~134, clipped to [24, 512])."""
     rnd = random.Random(seed)
     lens = [min(512, max(24, int(rnd.lognormvariate(4.9, 0.6)))) for _ in range(n)]
-    return [[rnd.randrange(3, 32000) for _ in range(L)] for L in lens]
+    return [[rnd.randrange(3, vocab) for _ in range(L)] for L in lens]
 
 
 def loss_at_tokens(traj, marks=(10_000, 20_000, 40_000, 80_000)):
@@ -154,16 +161,62 @@ def run_seed(checkpoint, steps):
     return res
 
 
-def run_tuneforge(checkpoint, steps, batch_size):
+def run_tuneforge(checkpoint, steps, batch_size, device="cuda", vocab=32000):
     from worker.pipeline import bench_train
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     r = bench_train(
-        synthetic_examples(4000), checkpoint, steps=steps, warmup_steps=WARM, seed=0, batch_size=batch_size
+        synthetic_examples(4000, vocab=vocab),
+        checkpoint,
+        steps=steps,
+        warmup_steps=WARM,
+        seed=0,
+        batch_size=batch_size,
+        device=device,
     )
     r["tokens_per_s"] = r["tokens"] / r["seconds"]
     return r
+
+
+def run_data_parallel(a, checkpoint, vocab):
+    """One GPU in this process, then N GPUs through torchrun (this script, --rank-result); same steps."""
+    one = run_tuneforge(checkpoint, a.steps, a.batch_size, a.device, vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "rank0.json"
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.gpus}"]
+        subprocess.run([*launch, __file__, *sys.argv[1:], "--rank-result", str(result)], check=True)
+        many = json.loads(result.read_text())
+    one_losses = [loss for _, loss in one["loss_trajectory"]]
+    many_losses = [loss for _, loss in many["loss_trajectory"]]
+    return {
+        "gpus": a.gpus,
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "tokens_per_s": round(many["tokens_per_s"], 1),
+        "one_gpu_tokens_per_s": round(one["tokens_per_s"], 1),
+        "scaling": round(many["tokens_per_s"] / one["tokens_per_s"], 3),
+        "peak_gib_per_gpu": [round(p, 3) for p in many["peak_gib_per_gpu"]],
+        "one_gpu_peak_gib": round(one["peak_gib"], 3),
+        "micro_batch_tokens": many["micro_batch_tokens"],
+        "one_gpu_micro_batch_tokens": one["micro_batch_tokens"],
+        # The same training: the largest relative difference between the two loss trajectories.
+        "loss_max_rel_diff": max(abs(m - o) / abs(o) for m, o in zip(many_losses, one_losses, strict=True)),
+    }
+
+
+def run_rank(a, checkpoint, vocab):
+    """One rank of run_data_parallel's torchrun launch; rank 0 writes the result."""
+    from worker import distributed
+
+    data_parallel = distributed.join(a.device)
+    r = run_tuneforge(checkpoint, a.steps, a.batch_size, a.device, vocab)
+    peaks = [None] * data_parallel.world
+    torch.distributed.all_gather_object(peaks, r["peak_gib"])
+    if data_parallel.rank == 0:
+        Path(a.rank_result).write_text(json.dumps({**r, "peak_gib_per_gpu": peaks}))
+    distributed.leave()
 
 
 def main():
@@ -177,10 +230,23 @@ def main():
         default=128,
         help="Tuneforge examples per step (the API auto value is 16; see docs/BENCHMARKS.md)",
     )
+    ap.add_argument("--gpus", type=int, default=1, help="N > 1: Tuneforge on 1 GPU, then on N (torchrun)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the tiny shape, no merge")
+    ap.add_argument("--rank-result", help=argparse.SUPPRESS)  # set for the ranks that --gpus starts
     a = ap.parse_args()
-    checkpoint = build_checkpoint(a.model_shape)
+    shape = "tiny" if a.device == "cpu" else a.model_shape
+    checkpoint = build_checkpoint(shape)
+    vocab = SHAPES[shape][1]["vocab_size"]
+    if a.rank_result:
+        return run_rank(a, checkpoint, vocab)
+    if a.gpus > 1:
+        out = run_data_parallel(a, checkpoint, vocab)
+        print(f"tuneforge {a.gpus} ranks", json.dumps(out), flush=True)
+        if a.device == "cuda":
+            merge("train", {f"train{RESULT_KEYS[shape]}_{a.gpus}gpu": out})
+        return
     out = {}
-    if a.only in (None, "seed"):
+    if a.only in (None, "seed") and a.device == "cuda":
         s = run_seed(checkpoint, a.steps)
         print("seed", json.dumps({k: v for k, v in s.items() if k != "loss_trajectory"}), flush=True)
         out.update(
@@ -191,7 +257,7 @@ def main():
             seed_loss_at_tokens=loss_at_tokens(s["loss_trajectory"]),
         )
     if a.only in (None, "tuneforge"):
-        t = run_tuneforge(checkpoint, a.steps, a.batch_size)
+        t = run_tuneforge(checkpoint, a.steps, a.batch_size, a.device, vocab)
         print("tuneforge", json.dumps({k: v for k, v in t.items() if k != "loss_trajectory"}), flush=True)
         out.update(
             tuneforge_batch_size=a.batch_size,
@@ -204,7 +270,8 @@ def main():
         if "seed_tokens_per_s" in out:  # both halves measured in this run
             out["tuneforge_vs_seed"] = round(out["tuneforge_tokens_per_s"] / out["seed_tokens_per_s"], 1)
     suffix = RESULT_KEYS[a.model_shape]
-    merge("train", {f"train{suffix}": out} if suffix else out)
+    if a.device == "cuda":
+        merge("train", {f"train{suffix}": out} if suffix else out)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ def checkpoint_steps(job_id: str) -> list[int]:
 def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_from_its_checkpoint(settings, tiny_base):
     tenant = create_tenant()
     training_file = create_file(settings, tenant, EXAMPLES * 2, "prompt_completion")
-    job_id = create_job(tenant, training_file, **{**JOB, "n_epochs": 8})
+    validation_file = create_file(settings, tenant, EXAMPLES[:5], "prompt_completion")
+    job_id = create_job(tenant, training_file, validation_file, **{**JOB, "n_epochs": 8})
     update_job(job_id, model="tiny")
     worker = {
         "base_models": {"tiny": tiny_base},
@@ -181,4 +182,5 @@ def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_from_its_checkpoint(
     ]
     assert resumed and resumed[0] >= killed_at
     assert metric_steps(job_id)[-1] == 40 and job.trained_tokens > 0
+    assert all(e.data["valid_loss"] > 0 for e in events(job_id) if "valid_loss" in (e.data or {}))
     assert not multiprocessing.active_children()
