@@ -184,3 +184,34 @@ def test_a_killed_rank_ends_the_attempt_and_the_job_resumes_from_its_checkpoint(
     assert metric_steps(job_id)[-1] == 40 and job.trained_tokens > 0
     assert all(e.data["valid_loss"] > 0 for e in events(job_id) if "valid_loss" in (e.data or {}))
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_pause_resume_and_cancel_reach_every_rank(settings, tiny_base):
+    tenant = create_tenant()
+    training_file = create_file(settings, tenant, EXAMPLES * 2, "prompt_completion")
+    job_id = create_job(tenant, training_file, **{**JOB, "n_epochs": 30})
+    update_job(job_id, model="tiny")
+    worker = {
+        "base_models": {"tiny": tiny_base},
+        "worker_gpus": "0,1",
+        "heartbeat_seconds": 0.1,
+        "poll_seconds": 0.1,
+        "checkpoint_every_steps": 1000,
+    }
+    with worker_thread(settings, **worker):
+        wait_for(lambda: metric_steps(job_id), timeout=120, message="training to start")
+        update_job(job_id, pause_requested=True)
+        wait_for(lambda: get_job(job_id).status == "paused", timeout=60, message="the job to pause")
+        paused_at = checkpoint_steps(job_id)[-1]
+        assert max(metric_steps(job_id)) <= paused_at
+        wait_for(lambda: not multiprocessing.active_children(), timeout=30, message="the ranks to exit")
+
+        update_job(job_id, status="queued")  # what the API's resume does
+        wait_for(lambda: max(metric_steps(job_id)) > paused_at, timeout=120, message="training to go on")
+        update_job(job_id, status="cancelled")
+        wait_for(lambda: "cancelled" in events(job_id)[-1].message, timeout=60, message="the worker to stop")
+        assert not multiprocessing.active_children()
+    resumed = [e.data["resumed_from_step"] for e in events(job_id) if "resumed_from_step" in (e.data or {})]
+    assert resumed == [paused_at]
+    assert get_job(job_id).status == "cancelled" and max(metric_steps(job_id)) < 150
