@@ -63,7 +63,7 @@ class DataParallel:
         for parameter in parameters:
             parameter.grad = flat[offset : offset + parameter.numel()].view_as(parameter)
             offset += parameter.numel()
-        return flat[-1]
+        return flat[-1].clone()  # not a view that would keep the whole buffer alive
 
     def sum_values(self, *values: float) -> list[float]:
         if self.world == 1:

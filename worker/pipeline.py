@@ -13,7 +13,10 @@ is a chunked cross-entropy over the target positions only, so the vocabulary-wid
 exist for a whole micro-batch. On CUDA the frozen weights run in bf16 under bf16 autocast and
 AdamW is fused. save: the adapter as safetensors; the training state
 (optimizer, scheduler, RNG, data position) as safetensors + JSON, never pickle, so a new attempt
-or a resumed job continues from the same step.
+or a resumed job continues from the same step. Data-parallel (worker/distributed.py: the ranks of a
+process group, which worker/ranks.py or torchrun starts), every rank trains its share of each step's
+examples and the gradients are summed over the ranks, so that together they take the step one
+process would take; rank 0's hooks are the ones that report and save.
 
 The worker loop owns the database and the artifact store; this file owns the model and the math.
 """
