@@ -60,6 +60,11 @@ def train(
 ) -> TrainResult:
     """`pipeline.train` in this process on one device (the worker's resident base), or on ranks."""
     devices = training_devices(worker_gpus, job.device)
+    if devices and job.device == "cuda" and max(devices) >= torch.cuda.device_count():
+        raise InfraError(
+            f"TUNEFORGE_WORKER_GPUS={worker_gpus} names GPU {max(devices)}, but this worker sees "
+            f"{torch.cuda.device_count()} (indices count from 0, within CUDA_VISIBLE_DEVICES)"
+        )
     if devices is not None and len(devices) > 1:
         return train_on_ranks(job, hooks, devices, resume_from)
     if devices and job.device == "cuda":
