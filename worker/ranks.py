@@ -122,8 +122,9 @@ def _serve(hooks: TrainingHooks, pipes: list[Connection], processes) -> TrainRes
             return TrainResult(outcome, step, trained_tokens, functools.partial(write_files, files=adapter))
         if kind == "user_error":
             raise UserError(*args)
-        if kind == "error":
-            raise InfraError(f"rank {rank} of {len(processes)} failed: {args[0]}")
+        if kind == "error":  # a rank that died is the cause of the others' errors
+            dead = [_ended(r, processes) for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
+            raise InfraError("; ".join([*dead, f"rank {rank} of {len(processes)} failed: {args[0]}"]))
         if kind == "save_checkpoint":
             step, files, metrics = args
             write = functools.partial(write_files, files=files)
@@ -148,20 +149,20 @@ def _receive(pipes: list[Connection], processes, running: set[int]) -> tuple[int
             if pipes[rank] in ready or processes[rank].sentinel in ready:
                 processes[rank].join(EXIT_GRACE_SECONDS)
                 if processes[rank].exitcode != 0:
-                    raise InfraError(
-                        f"rank {rank} of {len(processes)} (pid {processes[rank].pid}) "
-                        f"{_how_it_ended(processes[rank].exitcode)}"
-                    )
+                    raise InfraError(_ended(rank, processes))
                 running.discard(rank)
     raise InfraError("every rank exited without rank 0's result")
 
 
-def _how_it_ended(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "closed its pipe and did not exit"
-    if exitcode < 0:
-        return f"was killed by {signal.Signals(-exitcode).name}"
-    return f"exited with code {exitcode}"
+def _ended(rank: int, processes) -> str:
+    process = processes[rank]
+    if process.exitcode is None:
+        how = "closed its pipe and did not exit"
+    elif process.exitcode < 0:
+        how = f"was killed by {signal.Signals(-process.exitcode).name}"
+    else:
+        how = f"exited with code {process.exitcode}"
+    return f"rank {rank} of {len(processes)} (pid {process.pid}) {how}"
 
 
 def _free_port() -> int:
