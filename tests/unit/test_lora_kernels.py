@@ -53,6 +53,8 @@ CASES = [
     (16, 72, (48, 16, 16), (16, 8, 0, 5), [3, 1, 0, 2, 2, 4, 1]),
     (32, 100, (70, 30), (32, 12), [2, 2, 2, 1]),
     (16, 64, (50, 14, 14), (16,), [0, 0]),
+    # Runs of one slot, as prefill rows come, then mixed rows: tiles of 16 rows hold both kinds.
+    (16, 48, (40, 24), (16, 8, 0), [1] * 10 + [2] * 13 + [0] * 5 + [3, 1, 2, 0] * 4),
 ]
 
 
@@ -104,28 +106,34 @@ def test_shapes_that_do_not_fit_are_refused():
         lora_expand(torch.zeros(2, 16), BT, slots, ranks, (0, 10, 16), torch.zeros(2, 8))
 
 
+# Block sizes small enough that the cases above take several blocks, splits and tiles.
+INTERPRETER_BLOCKS = [
+    (False, {}),
+    (False, dict(SHRINK_BLOCK_K=16, EXPAND_BLOCK_N=16)),
+    (True, dict(TILE_T=16)),
+    (True, dict(TILE_T=16, TILE_K=16, TILE_N=16)),
+]
+
+
 def interpreter_checks() -> None:
-    """Run in the subprocess: Triton (interpreted) against the torch path, fp32."""
+    """Run in the subprocess: both Triton paths (interpreted) against the torch path, fp32."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     for R, in_features, outs, adapter_ranks, rows in CASES:
         A, BT, ranks, out_starts = make_pool(len(adapter_ranks) + 1, R, in_features, outs, adapter_ranks)
         slots = torch.tensor(rows, dtype=torch.int32)
         x = torch.randn(len(rows), in_features)
-        n = len(outs)
-        h_ref = torch_shrink(x, A, slots, ranks, n)
-        # Both the one-pass store and the split-K atomics (a small in-dimension block forces splits).
-        for block_k in (lora_kernels.SHRINK_BLOCK_K, 16):
-            lora_kernels.SHRINK_BLOCK_K = block_k
-            h = lora_kernels._triton_shrink(x, A, slots, ranks, n, torch.float32)
-            torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
-        lora_kernels.SHRINK_BLOCK_K = 256
         y0 = torch.randn(len(rows), out_starts[-1])
+        h_ref = torch_shrink(x, A, slots, ranks, len(outs))
         y_ref = torch_expand(h_ref, BT, slots, ranks, out_starts, y0.clone())
-        for block_n in (256, 16):
-            lora_kernels.EXPAND_BLOCK_N = block_n
+        for tiles, blocks in INTERPRETER_BLOCKS:
+            defaults = {name: getattr(lora_kernels, name) for name in blocks}
+            vars(lora_kernels).update(blocks)
+            h = lora_kernels._triton_shrink(x, A, slots, ranks, len(outs), torch.float32, tiles)
+            torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6, msg=f"shrink {tiles} {blocks}")
             y = y0.clone()
-            lora_kernels._triton_expand(h_ref, BT, slots, ranks, out_starts, y)
-            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+            lora_kernels._triton_expand(h_ref, BT, slots, ranks, out_starts, y, tiles)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6, msg=f"expand {tiles} {blocks}")
+            vars(lora_kernels).update(defaults)
     print("ok")
 
 
@@ -152,12 +160,14 @@ GPU_SHAPES = [
 ]
 
 
-def gpu_case(T, in_features, outs, R, num_slots=32, dtype=torch.bfloat16, seed=0):
+def gpu_case(T, in_features, outs, R, num_slots=32, dtype=torch.bfloat16, seed=0, runs=False):
+    """Rows of random slots (`runs`: sorted, as prefill's sequences come) of mixed ranks."""
     g = torch.Generator().manual_seed(seed)
     adapter_ranks = [int(r) for r in torch.randint(0, R + 1, (num_slots - 1,), generator=g)]
     adapter_ranks[0] = R
     A, BT, ranks, out_starts = make_pool(num_slots, R, in_features, outs, adapter_ranks, dtype, "cuda", seed)
-    slots = torch.randint(0, num_slots, (T,), generator=g).cuda()
+    slots = torch.randint(0, num_slots, (T,), generator=g)
+    slots = (slots.sort().values if runs else slots).cuda()
     x = torch.randn(T, in_features, generator=g).to("cuda", dtype)
     y = torch.randn(T, out_starts[-1], generator=g).to("cuda", dtype)
     return x, y, A, BT, slots, ranks, out_starts
@@ -170,9 +180,11 @@ def cpu_apply(x, y, A, BT, slots, ranks, out_starts):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("in_features,outs", GPU_SHAPES)
-@pytest.mark.parametrize("T,R", [(1, 16), (64, 16), (256, 64), (3000, 8), (8192, 32)])
-def test_triton_matches_the_torch_path_on_gpu(in_features, outs, T, R):
-    x, y, A, BT, slots, ranks, out_starts = gpu_case(T, in_features, outs, R)
+@pytest.mark.parametrize(
+    "T,R,runs", [(1, 16, False), (64, 16, False), (256, 64, False), (3000, 8, False), (8192, 32, True)]
+)
+def test_triton_matches_the_torch_path_on_gpu(in_features, outs, T, R, runs):
+    x, y, A, BT, slots, ranks, out_starts = gpu_case(T, in_features, outs, R, runs=runs)
     expected = cpu_apply(x, y, A, BT, slots, ranks, out_starts)
     got = lora_apply(x, y.clone(), A, BT, slots, ranks, out_starts)
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
@@ -183,9 +195,10 @@ def test_triton_matches_the_torch_path_on_gpu(in_features, outs, T, R):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T", [64, 1024])  # decode's kernels, prefill's
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_captured_cuda_graph_follows_new_slots_and_weights(dtype):
-    x, y, A, BT, slots, ranks, out_starts = gpu_case(64, 2048, (2048, 256, 256), 16, dtype=dtype)
+def test_a_captured_cuda_graph_follows_new_slots_and_weights(T, dtype):
+    x, y, A, BT, slots, ranks, out_starts = gpu_case(T, 2048, (2048, 256, 256), 16, dtype=dtype)
     y_base = y.clone()
     lora_apply(x, y.clone(), A, BT, slots, ranks, out_starts)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -194,7 +207,7 @@ def test_a_captured_cuda_graph_follows_new_slots_and_weights(dtype):
         lora_apply(x, y, A, BT, slots, ranks, out_starts)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     for step in range(3):
-        slots.copy_(torch.randint(0, A.shape[0], (64,), device="cuda"))
+        slots.copy_(torch.randint(0, A.shape[0], (T,), device="cuda"))
         x.copy_(torch.randn_like(x))
         A[1].mul_(-1.0)
         ranks[2] = step * 4
