@@ -4,7 +4,8 @@ masked all-slots product that app/inference/lora.py does today and against gathe
 python bench/lora_kernels.py --out lora_kernels.json [--models tinyllama mistral7b] [--rank 16]
 For each projection group of TinyLlama-1.1B and Mistral-7B (q/k/v fused, gate/up fused, o, down),
 T token rows spread over a number of distinct adapters in a pool of S slots (every slot filled,
-rank r), bf16: shrink + expand added into the base output y. Times are means of CUDA-graph
+rank r), bf16: shrink + expand added into the base output y. The 4,096-row case is a prefill
+batch, each adapter's rows consecutive (the tile kernels). Times are means of CUDA-graph
 replays (a decode step is replayed from a graph, so launch overhead is left out). GB/s counts
 the bytes a step must move at least: each distinct adapter's A and B at its rank once, x read, y
 read and written."""
@@ -18,7 +19,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from app.inference.lora_kernels import lora_apply  # noqa: E402
+from app.inference.lora_kernels import TILE_MIN_TOKENS, lora_apply  # noqa: E402
 
 # Group -> (in_features, out sizes of the projections that share the input).
 MODELS = {
@@ -35,7 +36,7 @@ MODELS = {
         "down": (14336, (4096,)),
     },
 }
-TOKENS = (1, 16, 64, 256)
+TOKENS = (1, 16, 64, 256, 4096)  # decode batches, and one prefill batch (rows in runs per adapter)
 ADAPTERS = (1, 16, 64)
 SLOTS = (8, 256, 1024)
 
@@ -82,7 +83,11 @@ def time_us(fn) -> float:
 def run_case(group: Group, T: int, adapters: int, in_features: int) -> dict:
     num_slots = group.A.shape[0]
     chosen = torch.randperm(num_slots - 1, device="cuda")[:adapters] + 1
-    slots = chosen[torch.randperm(T, device="cuda") % adapters].to(torch.int32)
+    if T >= TILE_MIN_TOKENS:  # a prefill batch: each adapter's rows are consecutive
+        which = torch.arange(T, device="cuda") * adapters // T
+    else:
+        which = torch.randperm(T, device="cuda") % adapters
+    slots = chosen[which].to(torch.int32)
     mask = torch.zeros(T, num_slots, group.R, device="cuda", dtype=torch.bfloat16)
     mask[torch.arange(T, device="cuda"), slots.long()] = 1
     mask = mask.view(T, -1)

@@ -12,7 +12,8 @@ skipped, as are rows of any slot whose rank is 0.
 CUDA tensors run Triton kernels that are CUDA-graph capturable (shapes and launch grids depend
 only on tensor shapes, never on values: no host sync). CPU tensors take a PyTorch path with the
 same semantics, grouped by the slots present. `lora_apply(x, y, ...)` adds the delta to the base
-output y in place; its shrink output stays fp32 between the two kernels.
+output y in place; its shrink output stays fp32 between the two kernels (the prefill expand
+rounds it to the pool's dtype for its tensor-core dot).
 
 Two kernel shapes, picked by the number of rows (a shape, so a captured graph keeps its pick):
 - up to TILE_MIN_TOKENS rows (decode), BGMV: one program per row (and rank block, and split of
