@@ -238,9 +238,8 @@ if triton is not None:
     ):  # fmt: skip
         # Program (token, segment * rank block, split of the in-dimension).
         t = tl.program_id(0).to(tl.int64)
-        rank_blocks: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
-        segment = tl.program_id(1) // rank_blocks
-        r0 = (tl.program_id(1) % rank_blocks) * BLOCK_R
+        segment = tl.program_id(1) // ((R + BLOCK_R - 1) // BLOCK_R)
+        r0 = (tl.program_id(1) % ((R + BLOCK_R - 1) // BLOCK_R)) * BLOCK_R
         slot = tl.load(slots_ptr + t).to(tl.int64)
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
         if (slot != 0) & (r0 < rank):
