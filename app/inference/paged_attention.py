@@ -26,7 +26,7 @@ import triton.language as tl
 
 BLOCK_SIZE = 16
 # Splits merged by one stage-2 program (a power of two: its tile is splits x head_dim in fp32).
-MAX_SPLITS = 64
+MAX_SPLITS = 32
 # Stage 1 aims at this many programs per multiprocessor, for the memory system to stay busy.
 PROGRAMS_PER_SM = 2
 

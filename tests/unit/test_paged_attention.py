@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 LENGTHS = [0, 1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 5 * BLOCK_SIZE + 3]
 # (window, softcap): full attention, a sliding window, Gemma 2's soft-capping, both.
 VARIANTS = [(None, None), (7, None), (None, 30.0), (20, 50.0)]
+# On CUDA decode runs the Triton kernels, prefill the same PyTorch code as on the CPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def paged_case(lengths, kv_heads, group, dim, dtype=torch.float32, device="cpu", width=None, seed=0):
@@ -106,42 +108,46 @@ def test_write_kv_stores_at_the_slots_and_skips_negative_ones():
 
 @pytest.mark.parametrize("window,softcap", VARIANTS)
 @pytest.mark.parametrize("group,dim", [(1, 64), (4, 128), (8, 256), (8, 64)])
-def test_decode_matches_the_dense_reference(group, dim, window, softcap):
-    case = paged_case(LENGTHS, kv_heads=2, group=group, dim=dim, seed=group * dim)
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_matches_the_dense_reference(device, group, dim, window, softcap):
+    case = paged_case(LENGTHS, kv_heads=2, group=group, dim=dim, device=device, seed=group * dim)
     scale = dim**-0.5
     out = paged_decode_attention(*decode_args(case), scale, window, softcap)
     assert out.shape == case["q"].shape and out.dtype == torch.float32
-    torch.testing.assert_close(
-        out.double(), decode_reference(case, scale, window, softcap), atol=1e-5, rtol=1e-5
-    )
+    reference = decode_reference(case, scale, window, softcap)
+    torch.testing.assert_close(out.double().cpu(), reference, atol=1e-5, rtol=1e-5)
     assert not out[0].any()  # the padding row of length 0
 
 
 @pytest.mark.parametrize("window,softcap", VARIANTS)
-def test_decode_in_bf16_is_close_to_the_reference(window, softcap):
-    case = paged_case(LENGTHS, kv_heads=2, group=4, dim=128, dtype=torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_in_bf16_is_close_to_the_reference(device, window, softcap):
+    case = paged_case(LENGTHS, kv_heads=2, group=4, dim=128, dtype=torch.bfloat16, device=device)
     out = paged_decode_attention(*decode_args(case), 128**-0.5, window, softcap)
     assert out.dtype == torch.bfloat16
     reference = decode_reference(case, 128**-0.5, window, softcap)
-    torch.testing.assert_close(out.double(), reference, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double().cpu(), reference, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("window,softcap", VARIANTS)
 @pytest.mark.parametrize("group,dtype", [(4, torch.float32), (1, torch.bfloat16)])
-def test_prefill_chunks_match_the_dense_reference(group, dtype, window, softcap):
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_chunks_match_the_dense_reference(device, group, dtype, window, softcap):
     # A first chunk, a chunk after one full block, one crossing blocks, and a padding row.
     start, chunk = [0, BLOCK_SIZE, BLOCK_SIZE + 5, 0], [5, 7, 2 * BLOCK_SIZE, 0]
     lengths = [s + n for s, n in zip(start, chunk, strict=True)]
-    case = paged_case(lengths, kv_heads=2, group=group, dim=64, dtype=dtype, seed=group)
-    q = torch.randn(len(lengths), max(chunk), 2 * group, 64).to(dtype)
-    start = torch.tensor(start, dtype=torch.int32)
+    case = paged_case(lengths, kv_heads=2, group=group, dim=64, dtype=dtype, device=device, seed=group)
+    q = torch.randn(len(lengths), max(chunk), 2 * group, 64).to(device, dtype)
+    start = torch.tensor(start, dtype=torch.int32, device=device)
     args = case["k_cache"], case["v_cache"], case["block_tables"], start, case["lengths"]
     out = paged_prefill_attention(q, *args, 0.125, window, softcap)
     assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
     reference = dense_reference(q, case["keys"], case["values"], start, lengths, 0.125, window, softcap)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for row, n in enumerate(chunk):  # queries past a row's chunk are padding
-        torch.testing.assert_close(out[row, :n].double(), reference[row, :n], atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(
+            out[row, :n].double().cpu(), reference[row, :n], atol=tolerance, rtol=tolerance
+        )
 
 
 def interpreter_checks() -> None:
@@ -255,8 +261,9 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths_and_tables():
         slots.copy_(torch.where(new_lengths > 0, block * BLOCK_SIZE + last % BLOCK_SIZE, -1))
         graph.replay()
         torch.cuda.synchronize()
-        written = k_cache.view(-1, kv_heads, dim)[slots[new_lengths > 0]]
-        assert torch.equal(written, new_k[new_lengths > 0])
+        real = lengths > 0
+        assert torch.equal(k_cache.view(-1, kv_heads, dim)[slots[real]], new_k[real])
+        assert torch.equal(v_cache.view(-1, kv_heads, dim)[slots[real]], new_v[real])
         expected = fp32_torch_decode(case, dim**-0.5, None, None)
         torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
         assert not out[trial].any()
