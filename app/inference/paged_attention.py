@@ -94,19 +94,20 @@ def paged_prefill_attention(
         visible &= keys > positions - window
     # A query that sees nothing attends everything (no NaN) and is zeroed below.
     seen = visible.any(-1, keepdim=True)
-    mask = (visible | ~seen)[:, None]
-    q = q.transpose(1, 2)
+    group = heads // kv_heads
+    # The query heads of a KV head share its keys: they stand in as more queries of that head
+    # (SDPA's enable_gqa with a mask falls back to its math kernel).
+    q = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * q_len, dim)
+    mask = (visible | ~seen)[:, None].repeat(1, 1, group, 1)
     if softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
-        # The query heads of a KV head share its keys: group them instead of repeating the keys.
-        q = q.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
         scores = torch.tanh(scores / softcap) * softcap
-        mask = mask.repeat(1, 1, heads // kv_heads, 1)
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        out = torch.matmul(probs.to(v.dtype), v).reshape(batch, heads, q_len, dim)
-    return out.transpose(1, 2).masked_fill(~seen[..., None], 0)
+        out = torch.matmul(probs.to(v.dtype), v)
+    out = out.reshape(batch, heads, q_len, dim).transpose(1, 2)
+    return out.masked_fill(~seen[..., None], 0)
 
 
 def _decode_torch(q, k_cache, v_cache, block_tables, lengths, scale, window, softcap):
