@@ -13,9 +13,13 @@ of the sequence, KV head, row) over the keys of its split only, with an online s
 query heads of the KV head at once, so each key and value is read once; stage 2 merges the splits
 by their log-sum-exp. The launch depends on shapes alone (the split count comes from the block
 table's width, not from the lengths), so it can be captured in a CUDA graph; splits past a row's
-length do nothing. The CPU paths (and prefill on both devices) gather the rows' blocks and run
-PyTorch attention with the same semantics; they multiply the keys they mask out by zero weights, so
-the caches must hold finite values (allocate them with torch.zeros)."""
+length do nothing. Since the splits are sized to the table's width, pass a table cut to the blocks
+the batch needs (a power-of-two bucket of its longest row, say) rather than the whole context: in
+a wide table, the rows' keys fall in few splits and run on few programs.
+
+The CPU paths (and prefill on both devices) gather the rows' blocks and run PyTorch attention with
+the same semantics; they multiply the keys they mask out by zero weights, so the caches must hold
+finite values (allocate them with torch.zeros)."""
 
 from functools import cache
 
@@ -25,10 +29,10 @@ import triton
 import triton.language as tl
 
 BLOCK_SIZE = 16
-# Splits merged by one stage-2 program (a power of two: its tile is splits x head_dim in fp32).
+# At most this many splits: a stage-2 program holds splits x head_dim fp32 values in registers.
 MAX_SPLITS = 32
-# Stage 1 aims at this many programs per multiprocessor, for the memory system to stay busy.
-PROGRAMS_PER_SM = 2
+# Stage 1 aims at this many programs per multiprocessor, to keep enough loads in flight.
+PROGRAMS_PER_SM = 4
 
 
 def blocks_for(tokens: int) -> int:

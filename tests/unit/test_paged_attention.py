@@ -14,6 +14,7 @@ from app.inference.paged_attention import (
     BLOCK_SIZE,
     _decode_torch,
     _decode_triton,
+    _splits,
     _write_kv_triton,
     blocks_for,
     paged_decode_attention,
@@ -95,6 +96,16 @@ def decode_args(case):
 
 def test_blocks_for_rounds_up():
     assert [blocks_for(n) for n in (0, 1, BLOCK_SIZE, BLOCK_SIZE + 1)] == [0, 1, 1, 2]
+
+
+# 528 programs wanted; a batch of one fills them with one split per tile (up to MAX_SPLITS).
+@pytest.mark.parametrize(
+    "batch,kv_heads,max_keys,expected", [(1, 4, 2048, 32), (1, 8, 16, 1), (16, 4, 512, 8), (64, 8, 2048, 2)]
+)
+def test_splits_cover_the_table_in_whole_tiles(batch, kv_heads, max_keys, expected):
+    splits, split_len = _splits(batch, kv_heads, max_keys, tile=64, programs=528)
+    assert splits == expected and split_len % 64 == 0
+    assert (splits - 1) * split_len < max_keys <= splits * split_len
 
 
 def test_write_kv_stores_at_the_slots_and_skips_negative_ones():
