@@ -236,6 +236,19 @@ def test_triton_write_kv_matches_torch():
     assert torch.equal(k_cache.cpu(), expected_k) and torch.equal(v_cache.cpu(), expected_v)
 
 
+def capture(step):
+    """(graph, outputs) of step() captured after a warm-up run (the compile) on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 @pytest.mark.gpu
 def test_decode_replays_in_a_cuda_graph_with_new_lengths_and_tables():
     heads, kv_heads, dim, batch, width = 32, 8, 128, 4, 64
@@ -248,15 +261,7 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths_and_tables():
         write_kv(k_cache, v_cache, new_k, new_v, slots)
         return paged_decode_attention(q, k_cache, v_cache, tables, lengths, dim**-0.5)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-
+    graph, out = capture(step)
     gen = torch.Generator().manual_seed(1)
     for trial in range(3):
         new_lengths = torch.randint(1, width * BLOCK_SIZE, (batch,), generator=gen)
@@ -278,3 +283,31 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths_and_tables():
         expected = fp32_torch_decode(case, dim**-0.5, None, None)
         torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
         assert not out[trial].any()
+
+
+@pytest.mark.gpu
+def test_prefill_replays_in_a_cuda_graph_with_new_chunks():
+    heads, kv_heads, dim, batch, chunk, width = 16, 8, 256, 3, 32, 16
+    case = paged_case([width * BLOCK_SIZE] * batch, kv_heads, heads // kv_heads, dim, torch.bfloat16, "cuda")
+    _, k_cache, v_cache, tables, lengths = decode_args(case)
+    q = torch.zeros(batch, chunk, heads, dim, dtype=torch.bfloat16, device="cuda")
+    start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    window, softcap = 100, 50.0
+    graph, out = capture(
+        lambda: paged_prefill_attention(q, k_cache, v_cache, tables, start, lengths, 0.0625, window, softcap)
+    )
+
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        new_start = torch.randint(0, width * BLOCK_SIZE - chunk, (batch,), generator=gen)
+        shuffled = torch.randperm(k_cache.shape[0] - 1, generator=gen)[: batch * width] + 1
+        tables.copy_(shuffled.view(batch, width))
+        start.copy_(new_start)
+        lengths.copy_(new_start + chunk)
+        q.copy_(torch.randn(q.shape, generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        keys = k_cache[tables.long()].flatten(1, 2)
+        values = v_cache[tables.long()].flatten(1, 2)
+        reference = dense_reference(q, keys, values, new_start, new_start + chunk, 0.0625, window, softcap)
+        torch.testing.assert_close(out.double().cpu(), reference, atol=2e-2, rtol=2e-2)
