@@ -88,7 +88,7 @@ def paged_prefill_attention(
     batch, q_len, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     tables = block_tables.long()
-    # (batch, kv_heads, keys, head_dim), contiguous per row.
+    # (batch, kv_heads, keys, head_dim): each row's keys in order.
     k = k_cache[tables].flatten(1, 2).transpose(1, 2)
     v = v_cache[tables].flatten(1, 2).transpose(1, 2)
     keys = torch.arange(k.shape[2], device=q.device)
@@ -131,7 +131,8 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _tile(dim_pad: int) -> int:
-    """Keys per stage-1 iteration: fewer for wide heads, to keep K and V tiles in registers."""
+    """Keys per stage-1 iteration: fewer for wide heads, to bound the K/V tiles' registers and shared
+    memory."""
     return 64 if dim_pad <= 128 else 32
 
 
@@ -147,7 +148,8 @@ def _decode_triton(
     q, k_cache, v_cache, block_tables, lengths, scale, window, softcap, programs: int | None = None
 ):
     """The Triton path of paged_decode_attention; `programs` (default: PROGRAMS_PER_SM per
-    multiprocessor) sets the split count, for tests under the interpreter."""
+    multiprocessor) sets the split count: under the interpreter (no multiprocessors to count) and
+    to tune PROGRAMS_PER_SM (bench/paged_attention.py)."""
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
