@@ -18,8 +18,8 @@ the batch needs (a power-of-two bucket of its longest row, say) rather than the 
 a wide table, the rows' keys fall in few splits and run on few programs.
 
 The CPU paths (and prefill on both devices) gather the rows' blocks and run PyTorch attention with
-the same semantics; they multiply the keys they mask out by zero weights, so the caches must hold
-finite values (allocate them with torch.zeros)."""
+the same semantics; what lies past a row's keys is zeroed before it meets a weight, so the caches
+may hold anything there (on the CPU they are allocated uninitialised, committed as written)."""
 
 from functools import cache
 
@@ -92,6 +92,10 @@ def paged_prefill_attention(
     k = k_cache[tables].flatten(1, 2).transpose(1, 2)
     v = v_cache[tables].flatten(1, 2).transpose(1, 2)
     keys = torch.arange(k.shape[2], device=q.device)
+    # Past a row's keys the cache holds anything (another row's keys, or on the CPU memory never
+    # written, NaN included), which a zero weight would not cancel.
+    past = (keys >= lengths[:, None])[:, None, :, None]
+    k, v = k.masked_fill(past, 0), v.masked_fill(past, 0)
     positions = start[:, None, None] + torch.arange(q_len, device=q.device)[:, None]
     visible = (keys <= positions) & (keys < lengths[:, None, None])
     if window is not None:
