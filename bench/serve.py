@@ -43,8 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+# torch is imported where it is used: the spawned client processes (bench/_clients.py) import this
+# module again, and start in a fraction of the time without it.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from app.core.adapter_files import PEFT_PREFIX, base_linear_shapes  # noqa: E402
@@ -86,6 +86,7 @@ def write_adapters(ckpt, dirs: list[Path], rank: int, targets: tuple[str, ...] |
     """A random LoRA adapter (bf16, nonzero A and B) in each of `dirs` that has none yet, in the
     layout PEFT's save_pretrained writes, on `targets` (module names; None: every linear layer);
     each from its own seed, so that no two are the same file (the store dedupes by sha256)."""
+    import torch
     from safetensors.torch import save_file
 
     shapes = {
@@ -123,11 +124,12 @@ def write_adapters(ckpt, dirs: list[Path], rank: int, targets: tuple[str, ...] |
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = randn(rank, in_features, std=in_features**-0.5)
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = randn(out_features, rank, std=0.01)
         path.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
         (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})  # last: done
 
 
 def load_base(checkpoint):
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(
@@ -142,6 +144,7 @@ def load_base(checkpoint):
 
 
 def run_naive(checkpoint, adapters: list[Path], n_requests=8):
+    import torch
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_base(checkpoint), str(adapters[0]), adapter_name="ad0")
@@ -355,6 +358,8 @@ def serve(checkpoint, standard, n_zipf, per, data_dir, device, py_spy, setup: di
     zipf_sources = [zipf_dir / f"z{i:04d}" for i in range(n_zipf)]
     write_adapters(checkpoint, zipf_sources, *ZIPF_LORA, seed=10_000, device=device)
     setup["zipf_adapters"] = round(time.time() - t, 1)
+    import torch
+
     # Give back this process's cached GPU memory (the naive half, the generated adapters): the
     # server sizes its adapter slots from the free memory.
     torch.cuda.empty_cache()
