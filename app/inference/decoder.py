@@ -26,7 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from app.inference.families import check_supported, final_softcap, layer_plans, rotary_tables
+from app.inference.families import (
+    check_supported,
+    final_softcap,
+    layer_plans,
+    rotary_tables,
+    unit_offset_norm,
+)
+from app.inference.fused_ops import act_and_mul, activation_kind, add_rms_norm, rotary_write_kv
 from app.inference.lora import AdapterPool
 from app.inference.paged_attention import (
     BLOCK_SIZE,
@@ -108,6 +115,10 @@ class BatchDecoder:
         # Gemma: norms after attention and around the MLP; else the norm before the MLP only.
         self.sandwich_norms = hasattr(layer, "pre_feedforward_layernorm")
         self.activations = [getattr(x.mlp, "act_fn", None) or x.mlp.activation_fn for x in self.body.layers]
+        # On CUDA the elementwise steps run as fused Triton kernels (fused_ops).
+        self.fused = self.device.type == "cuda"
+        self.fused_activation = [activation_kind(a) if self.fused else None for a in self.activations]
+        self.unit_offset_norm = unit_offset_norm(config)
         self.plans = layer_plans(model, context_window)
         self.final_softcap = final_softcap(config)
         self.max_rows = _pow2(max_rows)
@@ -167,39 +178,59 @@ class BatchDecoder:
 
     # --- forward ---
 
-    def _forward(self, tokens, positions, slots, slot_mapping, attend) -> torch.Tensor:
-        """Hidden states (tokens, hidden) of a flat batch of tokens: their ids, positions, pool slots
-        and cache slots (where each token's key and value go). attend(q, layer, plan) gives the
-        attention output (tokens, heads * head_dim) of queries (tokens, heads, head_dim)."""
+    def _forward(self, tokens, positions, slots, slot_mapping, attend):
+        """The residual stream of a flat batch of tokens before the final norm, as (x, pending):
+        x and the last block's output not yet added to it. Inputs: the tokens' ids, positions, pool
+        slots and cache slots (where each token's key and value go). attend(q, layer, plan) gives
+        the attention output (tokens, heads * head_dim) of queries (tokens, heads, head_dim)."""
         count = tokens.shape[0]
         x = self.body.embed_tokens(tokens)
-        rotary = {key: table[:, positions].unsqueeze(2) for key, table in self.rotary.items()}
+        pending = None
+        rotary = None if self.fused else {k: t[:, positions].unsqueeze(2) for k, t in self.rotary.items()}
         layers = zip(self.body.layers, self.plans, self.pool.layers, strict=True)
         for i, (layer, plan, groups) in enumerate(layers):
             attn = layer.self_attn
-            q, k, v = groups["qkv"](layer.input_layernorm(x), slots).split(self.qkv_sizes, dim=-1)
+            x, h = self._add_norm(layer.input_layernorm, x, pending)
+            q, k, v = groups["qkv"](h, slots).split(self.qkv_sizes, dim=-1)
             q = q.view(count, self.num_heads, self.head_dim)
             k = k.view(count, self.num_kv_heads, self.head_dim)
             v = v.view(count, self.num_kv_heads, self.head_dim)
             if self.qk_norm:
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            cos, sin = rotary[plan.rope]
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            write_kv(self.k[i], self.v[i], k, v, slot_mapping)
+            if self.fused:
+                table = self.rotary[plan.rope]
+                q = rotary_write_kv(q, k, v, table, positions, self.k[i], self.v[i], slot_mapping)
+            else:
+                cos, sin = rotary[plan.rope]
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+                write_kv(self.k[i], self.v[i], k, v, slot_mapping)
             o = groups["o"](attend(q, i, plan), slots)
             if self.sandwich_norms:
                 x = x + layer.post_attention_layernorm(o)
                 h = layer.pre_feedforward_layernorm(x)
             else:
-                x = x + o
-                h = layer.post_attention_layernorm(x)
-            gate, up = groups["gate_up"](h, slots).chunk(2, dim=-1)
-            h = groups["down"](self.activations[i](gate) * up, slots)
-            x = x + (layer.post_feedforward_layernorm(h) if self.sandwich_norms else h)
-        return x
+                x, h = self._add_norm(layer.post_attention_layernorm, x, o)
+            gate_up = groups["gate_up"](h, slots)
+            if self.fused_activation[i] is not None:
+                h = act_and_mul(gate_up, self.fused_activation[i])
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                h = self.activations[i](gate) * up
+            h = groups["down"](h, slots)
+            pending = layer.post_feedforward_layernorm(h) if self.sandwich_norms else h
+        return x, pending
 
-    def _head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model.lm_head(self.body.norm(hidden))
+    def _add_norm(self, norm: nn.Module, x, add):
+        """(x + add, norm(x + add)); add may be None."""
+        if self.fused and not self.sandwich_norms:
+            eps = getattr(norm, "variance_epsilon", None) or norm.eps
+            return add_rms_norm(x, add, norm.weight, eps, self.unit_offset_norm)
+        x = x if add is None else x + add
+        return x, norm(x)
+
+    def _head(self, x: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, hidden = self._add_norm(self.body.norm, x, pending)
+        logits = self.model.lm_head(hidden)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits, logits.argmax(dim=-1)
@@ -261,7 +292,7 @@ class BatchDecoder:
             )
             return o.reshape(batch * length, -1)
 
-        hidden = self._forward(
+        x, pending = self._forward(
             tokens.reshape(-1),
             positions.reshape(-1),
             slots[:, None].expand(batch, length).reshape(-1),
@@ -269,7 +300,7 @@ class BatchDecoder:
             attend,
         )
         last = self.arange[:batch] * length + (count - 1).clamp(min=0)
-        return self._head(hidden[last])
+        return self._head(x[last], pending[last])
 
     # --- decode ---
 
@@ -309,8 +340,8 @@ class BatchDecoder:
             )
             return o.reshape(batch, -1)
 
-        hidden = self._forward(self.tokens[:batch], positions, self.slots[:batch], cache_slots, attend)
-        return self._head(hidden)
+        x, pending = self._forward(self.tokens[:batch], positions, self.slots[:batch], cache_slots, attend)
+        return self._head(x, pending)
 
     # --- CUDA graphs ---
 
