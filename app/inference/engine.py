@@ -193,6 +193,13 @@ class Engine:
         self._commands.put(("unload", version))
         self.wake()
 
+    def capacity(self) -> str:
+        """What the engine holds, sized from the settings or the free memory (logged at start)."""
+        return (
+            f"{self.tiers.pool.num_slots - 1} GPU adapter slots, {self.tiers.cpu_capacity} CPU tier "
+            f"entries, {(self.decoder.num_blocks - 1) * BLOCK_SIZE} KV cache tokens on {self.device}"
+        )
+
     def resident_adapters(self) -> dict[str, list[str]]:
         return self.tiers.resident() if self.tiers else {"gpu": [], "cpu": []}
 
@@ -227,13 +234,6 @@ class Engine:
         )
         self.blocks = BlockAllocator(self.decoder.num_blocks)
         self.table = torch.zeros(self.decoder.max_rows, self.decoder.max_blocks, dtype=torch.int32)
-        log.info(
-            "engine for %s: %d GPU adapter slots, %d CPU tier entries, %d KV cache tokens",
-            self.base_model,
-            slots,
-            cpu_entries,
-            (self.decoder.num_blocks - 1) * BLOCK_SIZE,
-        )
         with torch.inference_mode():
             self.decoder.warm_up()
         eos = self.model.generation_config.eos_token_id
