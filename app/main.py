@@ -31,6 +31,7 @@ async def lifespan(app: FastAPI):
         check_served_base(name, settings)
         engine = Engine(settings, base_model=name)
         engine.start()
+        log.info("serving base model %s: %s", name, engine.capacity())
         return engine
 
     try:

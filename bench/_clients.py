@@ -18,12 +18,12 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
 
 
-async def one(client, url, key, model, prompt):
+async def one(client, url, key, model, prompt, max_tokens=NEW):
     """One streamed completion: (time to first token, completion tokens, total time)."""
     body = {
         "model": model,
         "prompt": prompt,
-        "max_tokens": NEW,
+        "max_tokens": max_tokens,
         "stream": True,
         "temperature": 0,
         "stream_options": {"include_usage": True},
@@ -50,30 +50,30 @@ async def one(client, url, key, model, prompt):
     return ttft, n, time.perf_counter() - t0
 
 
-def _client_process(url, key, models, streams, jobs, prompt, start_at):
-    """`streams` closed-loop streams over request indices `jobs` (each sends its next request
-    when the last one ends), from wall-clock time `start_at`."""
+def _client_process(url, key, plans, prompt, start_at):
+    """One closed-loop stream per plan (each sends its next request when the last one ends),
+    from wall-clock time `start_at`."""
     import httpx
 
     async def run():
-        sem = asyncio.Semaphore(streams)
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=streams + 4)) as c:
+        limits = httpx.Limits(max_connections=len(plans) + 4)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as c:
 
-            async def job(k):
-                async with sem:
-                    return await one(c, url, key, models[k % len(models)], prompt)
+            async def stream(plan):
+                return [await one(c, url, key, model, prompt) for model in plan]
 
             await asyncio.sleep(max(0.0, start_at - time.time()))
             cpu0 = time.process_time()
-            results = await asyncio.gather(*(job(k) for k in jobs))
-            return results, time.time(), time.process_time() - cpu0
+            results = await asyncio.gather(*(stream(plan) for plan in plans))
+            return [r for rs in results for r in rs], time.time(), time.process_time() - cpu0
 
     return asyncio.run(run())
 
 
-def drive(url, key, models, concurrency, total):
-    """`concurrency` streams, STREAMS_PER_PROCESS per client process, `total` requests over
-    `models` in turn: aggregate tok/s, TTFT p50/p99."""
+def drive(url, key, plans):
+    """One stream per plan (the models of its requests, in order), STREAMS_PER_PROCESS per client
+    process, all starting together: aggregate tok/s, TTFT p50/p99."""
+    concurrency = len(plans)
     rnd = random.Random(concurrency)
     prompt = " ".join(str(rnd.randrange(100, 999)) for _ in range(PROMPT_LEN))  # ~48+ tokens of text
     processes = -(-concurrency // STREAMS_PER_PROCESS)
@@ -81,18 +81,7 @@ def drive(url, key, models, concurrency, total):
         pool.map(time.sleep, [0.2] * processes)  # every process up and importing done
         start_at = time.time() + 1.0
         runs = [
-            pool.apply_async(
-                _client_process,
-                (
-                    url,
-                    key,
-                    models,
-                    len(range(i, concurrency, processes)),
-                    range(i, total, processes),
-                    prompt,
-                    start_at,
-                ),
-            )
+            pool.apply_async(_client_process, (url, key, plans[i::processes], prompt, start_at))
             for i in range(processes)
         ]
         outcomes = [run.get() for run in runs]
@@ -104,7 +93,8 @@ def drive(url, key, models, concurrency, total):
         tokens_per_s=round(toks / elapsed, 2),
         ttft_p50_s=round(pct(ttfts, 50), 4),
         ttft_p99_s=round(pct(ttfts, 99), 4),
-        requests=total,
+        requests=len(results),
+        distinct_models=len({model for plan in plans for model in plan}),
         chunks=toks,
         client_processes=processes,
         # The busiest client process's CPU share: near 1.0 would mean the clients are the bottleneck.

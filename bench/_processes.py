@@ -1,5 +1,6 @@
-"""`tuneforge` processes for the benchmarks that drive a real API (and worker): start one with its
-output in a log file, wait until something is ready while watching that none has exited, stop them."""
+"""`tuneforge` processes for the benchmarks that drive a real API (and worker): run a command, start
+one with its output in a log file, wait until something is ready while watching that none has
+exited, stop them."""
 
 import subprocess
 import sys
@@ -9,6 +10,21 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(env: dict, *args) -> str:
+    """`tuneforge ARGS` to completion (from the checkout $BENCH_APP_ROOT, else this one): its output."""
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=env.get("BENCH_APP_ROOT", str(ROOT)),
+    )
+    if r.returncode:
+        raise RuntimeError(f"tuneforge {' '.join(args)} failed: {r.stderr[-2000:]}")
+    return r.stdout
 
 
 def start(command: str, env: dict, log: Path) -> tuple[subprocess.Popen, Path]:

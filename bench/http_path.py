@@ -13,6 +13,7 @@ machine's cores with the server: read the ratios, not the absolute figures.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,12 +24,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench import serve  # noqa: E402
+from bench._processes import cli  # noqa: E402
 from bench._results import LATEST, merge  # noqa: E402
 from bench.shapes import build_checkpoint  # noqa: E402
 
 TINY = Path(tempfile.gettempdir()) / "tf-http-path" / "tiny-llama"
 ADAPTERS = TINY.parent / "adapters"
 VOCAB = 1000  # bench/serve.py's prompts are numbers 100..998; the word tokenizer maps "3".."999"
+N_ADAPTERS = 8
 
 
 def build_tiny():
@@ -41,7 +44,7 @@ def build_tiny():
 
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
 
-    for i in range(serve.N_AD):
+    for i in range(N_ADAPTERS):
         torch.manual_seed(i)
         peft_model = get_peft_model(
             model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
@@ -57,6 +60,18 @@ def checkout(rev: str) -> Path:
     return path
 
 
+def cli_store(root: Path) -> tuple[dict, str, list[str]]:
+    """A data dir with a key and the adapters imported through `tuneforge` of the checkout `root`
+    (the baseline revision predates the service bench/serve.py registers with)."""
+    env = serve.store_env(Path(tempfile.mkdtemp(prefix="tf-bench-")), TINY, device="cpu", app_root=root)
+    key = cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
+    models = []
+    for i in range(N_ADAPTERS):
+        out = cli(env, "models", "import", str(ADAPTERS / f"ad{i}"), "--tenant", "bench", "--name", f"ad{i}")
+        models.append(re.search(r"(ft:\S+)", out).group(1))
+    return env, key, models
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline-rev", default="445b8db")
@@ -65,8 +80,12 @@ def main():
     build_tiny()
     results = {}
     for label, root in (("baseline", checkout(a.baseline_rev)), ("current", ROOT)):
-        store = dict(ckpt=TINY, adapters=ADAPTERS, device="cpu", app_root=root)
-        results[label] = serve.run_server(a.requests_per_level, levels=(1, 16, 64), **store)
+        env, key, models = cli_store(root)
+        workloads = {
+            f"c{c}": serve.per_stream(models, c, 16 if c == 1 else max(4, a.requests_per_level // c))
+            for c in (1, 16, 64)
+        }
+        results[label] = serve.run_server(env, key, workloads, cold_models=models)
         print(label, json.dumps(results[label]), flush=True)
     ratios = {
         key: round(results["current"][key] / results["baseline"][key], 2)

@@ -34,9 +34,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench._processes import api_ready, start, stop, wait_until  # noqa: E402
+from bench._processes import api_ready, cli, start, stop, wait_until  # noqa: E402
 from bench._results import merge  # noqa: E402
-from bench.serve import _cli, ensure_tokenizer  # noqa: E402
+from bench.serve import ensure_tokenizer  # noqa: E402
 from bench.shapes import RESULT_KEYS, SHAPES, build_checkpoint  # noqa: E402
 from bench.train import synthetic_examples  # noqa: E402
 
@@ -167,7 +167,7 @@ def main():
         TUNEFORGE_PORT=str(a.port),
         PYTHONPATH=os.pathsep.join([str(ROOT), *[p for p in [os.environ.get("PYTHONPATH")] if p]]),
     )
-    key = _cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
+    key = cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
     # Logs into $OUT (if set) so that they come back from the device even when a job fails.
     log_dir = Path(os.environ.get("OUT") or data_dir)
     procs = {name: start(name, env, log_dir / f"{name}.log") for name in ("api", "worker")}

@@ -5,8 +5,6 @@ returns its path. The 7B shape is built on the GPU (~20 s) rather than initialis
 
 import os
 
-import torch
-
 # Section of docs/benchmarks/latest.json each shape's figures go to ("train" nests its own).
 RESULT_KEYS = {"tinyllama": "", "mistral7b": "_7b", "qwen3": "_qwen3", "tiny": "_tiny"}
 
@@ -80,6 +78,7 @@ def checkpoint_path(shape: str) -> str:
 
 
 def build_checkpoint(shape: str = "tinyllama", path: str | None = None) -> str:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = path or checkpoint_path(shape)

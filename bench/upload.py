@@ -30,9 +30,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench._processes import api_ready, start, stop, wait_until  # noqa: E402
+from bench._processes import api_ready, cli, start, stop, wait_until  # noqa: E402
 from bench._results import LATEST, merge  # noqa: E402
-from bench.serve import _cli  # noqa: E402
 
 # The embedded base is materialised (~30 s) under the data dir; this keeps it between runs.
 BASES = Path(tempfile.gettempdir()) / "tf-bench-base-models"
@@ -103,7 +102,7 @@ def sample_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
 
 def measure(path: Path, fmt: str, env: dict, port: int, log: Path) -> dict:
     env = {**env, "TUNEFORGE_PORT": str(port)}
-    key = _cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
+    key = cli(env, "keys", "create", "--tenant", "bench").strip().splitlines()[-1]
     procs = {"api": start("api", env, log)}
     proc = procs["api"][0]
     url = f"http://127.0.0.1:{port}"

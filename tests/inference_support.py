@@ -20,6 +20,7 @@ from app.core.adapter_files import (
 from app.core.artifacts import WEIGHTS_FILE, publish_dir, sha256_file, temp_sibling, write_manifest
 from app.core.db import make_engine
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
+from app.inference.decoder import Chunk
 from app.inference.lora import Weights
 from app.inference.messages import AdapterRef
 from app.models import Model
@@ -139,3 +140,13 @@ def create_test_key(settings: Settings, tenant_name: str) -> str:
             return create_key(session, tenant_name)[1]
     finally:
         engine.dispose()
+
+
+def prefill_rows(decoder, prompts: list[list[int]], slots: list[int]):
+    """Prefill each prompt in one chunk into a row of its own blocks (a whole context each; block 0
+    is the decoder's scratch). Returns (logits, greedy, blocks per row)."""
+    per = decoder.max_blocks
+    blocks = [list(range(1 + row * per, 1 + (row + 1) * per)) for row in range(len(prompts))]
+    chunks = [Chunk(p, 0, s, b) for p, s, b in zip(prompts, slots, blocks, strict=True)]
+    output = decoder.prefill(chunks)
+    return output.logits, output.tokens(), blocks

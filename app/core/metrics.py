@@ -53,6 +53,11 @@ INFERENCE_WAITING = Gauge(
     "Inference requests waiting to join the batch",
     registry=REGISTRY,
 )
+INFERENCE_PREEMPTIONS = Counter(
+    "tuneforge_inference_preemptions_total",
+    "Sequences that gave their KV blocks up to let others grow, and were prefilled again later",
+    registry=REGISTRY,
+)
 INFERENCE_RUNNING = Gauge(
     "tuneforge_inference_running",
     "Sequences in the running batch",

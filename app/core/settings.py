@@ -45,9 +45,15 @@ class Settings(BaseSettings):
     # ("0,1") or "all" visible ones; unset, the first one. With device cpu, as many CPU processes
     # (gloo) as indices. A worker setting, not a job field: a tenant cannot claim a whole host.
     worker_gpus: str | None = None
-    # Inference engine: adapter tiers and batching.
-    gpu_adapter_slots: int = 8
-    cpu_adapter_cache: int = 32
+    # Inference engine: adapter tiers, KV cache and batching. None: sized by the engine from the
+    # device's free memory (slots), twice the slots (CPU tier), and the batch at full context
+    # within half the free GPU memory (KV cache).
+    gpu_adapter_slots: int | None = Field(None, ge=1)
+    cpu_adapter_cache: int | None = Field(None, ge=1)
+    kv_cache_tokens: int | None = Field(None, ge=1)
+    # The most (padded) prompt tokens prefilled between two decode steps: a longer prompt is
+    # prefilled in chunks, so running streams never wait for more than one chunk.
+    prefill_chunk_tokens: int = Field(4096, ge=16)
     max_batch_size: int = 32
     max_context_tokens: int = 2048
 

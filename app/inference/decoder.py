@@ -1,39 +1,55 @@
-"""The forward passes of the engine's running batch over a preallocated KV cache.
+"""The forward passes of the engine's running batch over a paged KV cache.
 
-The cache holds one row per running sequence, each written from column 0 at its own positions
-(no shared padding, nothing to trim): a decode step writes every row's new key and value at the
-row's own length and attends to the columns up to it. Rows are kept compact (0..n-1, in the
-engine's order); a finished row is closed up by copying the later rows down.
+The cache is a pool of fixed-size blocks per layer, (blocks, BLOCK_SIZE, kv_heads, head_dim); each
+sequence owns a list of blocks (its row of the block table, kept by the engine), so memory is taken
+as sequences grow, not reserved for the longest context, and a finished row gives its blocks back
+without moving anyone's keys. Block 0 is scratch: padding tokens write there.
 
-A decode step has static shapes once the batch is rounded up to a power of two (spare rows
-decode a dummy token into spare cache rows) and the attended columns to a power of two, so on
-CUDA each (batch, columns) bucket is captured once as a CUDA graph and replayed: one launch per
-step instead of thousands of small ones. Prefill takes every newcomer of a turn in one batch
-(right-padded; causal attention keeps the padding out of the real tokens), also bucketed and
-replayed as a graph up to PREFILL_GRAPH_TOKENS tokens.
+A decode step attends over each row's real length (`paged_decode_attention`, flash-decoding on
+CUDA). Its shapes depend only on the batch, rounded up to a power of two (spare rows decode a dummy
+token into the scratch block), and the width of the block table it reads (a power of two of blocks
+that holds the longest row), so on CUDA each (batch, width) bucket is captured once as a CUDA graph
+and replayed: one launch per step. Prefill takes chunks of prompts (the engine bounds the tokens per
+turn, so a long prompt is spread over several turns and never stalls running decodes for long): each
+chunk writes its keys into its blocks and attends to the sequence's earlier chunks and itself; small
+buckets are captured as graphs too.
 
-Built from the model's own modules (embedding, norms, projections with their pooled LoRA, MLP,
-rotary tables, head), so every family in `app.core.model_families.FAMILIES` runs this one
-forward; what differs between them (fused projections, q/k norms, Gemma's norm placement, sliding
-windows, soft-capping, rope per layer type) is read off the model by `families`. Sliding-window
-layers keep every position in the cache and mask the keys outside the window."""
+Built from the model's own modules (embedding, norms, rotary tables, head) and the pool's fused
+projections (q/k/v and gate/up as one GEMM each, with per-row LoRA), so every family in
+`app.core.model_families.FAMILIES` runs this one forward; what differs between them (q/k norms,
+Gemma's norm placement, sliding windows, soft-capping, rope per layer type) is read off the model by
+`families`."""
 
 import logging
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from app.inference.families import check_supported, final_softcap, layer_plans, rotary_tables
+from app.inference.families import (
+    check_supported,
+    final_softcap,
+    layer_plans,
+    rotary_tables,
+    unit_offset_norm,
+)
+from app.inference.fused_ops import act_and_mul, activation_kind, add_rms_norm, rotary_write_kv
 from app.inference.lora import AdapterPool
+from app.inference.paged_attention import (
+    BLOCK_SIZE,
+    blocks_for,
+    paged_decode_attention,
+    paged_prefill_attention,
+    write_kv,
+)
 
 log = logging.getLogger(__name__)
 
-# Prefill batches hold at most this many (padded) tokens; more newcomers go in further batches.
-PREFILL_TOKENS = 8192
-MIN_COLUMNS = 128
-# Prefill batches up to this many (padded) tokens run as CUDA graphs; larger ones eagerly.
+# Prefill forwards up to this many (padded) tokens run as CUDA graphs; larger ones eagerly.
 PREFILL_GRAPH_TOKENS = 4096
+# Attention reads block tables cut to a power of two of blocks, at least this many (128 tokens):
+# the decode kernel sizes its splits to the table's width.
+MIN_KEY_BLOCKS = 8
 
 
 def _pow2(n: int) -> int:
@@ -54,19 +70,47 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((rotated * cos + _rotate_half(rotated) * sin, rest), dim=-1)
 
 
-def _attend(q, k, v, mask, scaling: float, softcap: float | None) -> torch.Tensor:
-    """Attention of q over k/v where `mask` is True (None: causal). Soft-capped logits take the
-    eager path that transformers takes for them (SDPA has no soft-capping)."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+@dataclass
+class StepOutput:
+    """A launched forward: its greedy tokens arrive in pinned host memory behind it (`tokens()`
+    waits for them); its logits stay on the device until the same bucket runs again."""
+
+    logits: torch.Tensor
+    host: torch.Tensor
+    event: object  # a CUDA event recorded after the copy; None on the CPU
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens of one sequence to prefill: `tokens` at positions start.., into `blocks`."""
+
+    tokens: list[int]
+    start: int
+    slot: int
+    blocks: list[int]
+
+
+def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
+    config = model.config
+    attn = model.model.layers[0].self_attn
+    return 2 * len(model.model.layers) * config.num_key_value_heads * attn.head_dim * dtype.itemsize
 
 
 class BatchDecoder:
-    def __init__(self, model: nn.Module, pool: AdapterPool, max_rows: int, context_window: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        pool: AdapterPool,
+        max_rows: int,
+        context_window: int,
+        kv_blocks: int,
+        prefill_tokens: int = 4096,
+    ):
         check_supported(model.config, context_window)
         self.model = model
         self.pool = pool
@@ -80,216 +124,260 @@ class BatchDecoder:
         self.head_dim = attn.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.groups = self.num_heads // self.num_kv_heads
         self.scaling = attn.scaling
-        self.fused_qkv = hasattr(attn, "qkv_proj")
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
         self.qk_norm = hasattr(attn, "q_norm")
         # Gemma: norms after attention and around the MLP; else the norm before the MLP only.
         self.sandwich_norms = hasattr(layer, "pre_feedforward_layernorm")
+        self.activations = [getattr(x.mlp, "act_fn", None) or x.mlp.activation_fn for x in self.body.layers]
+        # On CUDA the elementwise steps run as fused Triton kernels (fused_ops).
+        self.fused = self.device.type == "cuda"
+        self.fused_activation = [activation_kind(a) if self.fused else None for a in self.activations]
+        self.unit_offset_norm = unit_offset_norm(config)
         self.plans = layer_plans(model, context_window)
         self.final_softcap = final_softcap(config)
         self.max_rows = _pow2(max_rows)
         self.context_window = context_window
+        # The most (padded) tokens one prefill forward takes; the engine chunks prompts to fit.
+        self.prefill_tokens = _pow2(prefill_tokens)
+        self.max_blocks = blocks_for(context_window)
+        # One context's worth at least, plus the scratch block.
+        self.num_blocks = max(kv_blocks, self.max_blocks + 1)
         # Rotary tables for every position of the context (no further: rope types whose tables
         # change with the length see the length they serve), computed by the model's own rotary
         # module, then padded to the positions that prefill padding reaches.
-        self.arange = torch.arange(_pow2(context_window), device=self.device)
+        positions = _pow2(context_window) + self.prefill_tokens
+        self.arange = torch.arange(positions, device=self.device)
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         self.rotary = {}
         for key, (cos, sin) in rotary_tables(model, self.arange[None, :context_window], probe).items():
-            padded = cos.new_zeros(2, len(self.arange), cos.shape[-1])
+            padded = cos.new_zeros(2, positions, cos.shape[-1])
             padded[0, :context_window], padded[1, :context_window] = cos[0], sin[0]
             self.rotary[key] = padded
+        shape = (self.num_blocks, BLOCK_SIZE, self.num_kv_heads, self.head_dim)
+        # On the CPU pages are only committed as blocks are first written.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        self.k = [alloc(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v = [alloc(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        # Static inputs of the decode step, per row: a token given by the host, where else its token
+        # is (an index into last_tokens, or -1: the host's), position, pool slot; and block tables.
+        self.inputs = torch.zeros(4, self.max_rows, dtype=torch.long, device=self.device)
+        self.tables = torch.zeros(self.max_rows, self.max_blocks, dtype=torch.int32, device=self.device)
+        # The greedy tokens of the last decode step (rows 0..) and the last prefill (max_rows..):
+        # the next step reads its rows' tokens from here, so it can be launched before the host
+        # has seen them.
+        self.last_tokens = torch.zeros(2 * self.max_rows, dtype=torch.long, device=self.device)
+        pinned = self.device.type == "cuda"
+        self._host_out = [torch.zeros(self.max_rows, dtype=torch.long, pin_memory=pinned) for _ in range(4)]
+        self._launches = 0
         self.use_graphs = self.device.type == "cuda"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._graph_key = None
+        self._graph_version = None
         self._graph_pool = None
-        self._prefill_inputs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
-        self.rows = 0
-        self.columns = 0
-        self.k = self.v = None
-        self._grow(1, MIN_COLUMNS)
+        self._prefill_inputs: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
     def warm_up(self) -> None:
-        """On CUDA: allocate the whole cache and capture the decode step for every batch bucket
-        and short prefills, so that no request waits for a capture (or a cache growth)."""
+        """On CUDA: capture the decode step for every batch bucket and short first-chunk prefills,
+        so that no request waits for a capture."""
         if not self.use_graphs:
             return
-        self._grow(self.max_rows, self.context_window)
         batch = 1
+        scratch = [0] * self.max_blocks
         while batch <= self.max_rows:
-            self.decode([0] * batch, [0] * batch, [0] * batch)
+            width = MIN_KEY_BLOCKS
+            while True:
+                position = min(width, self.max_blocks) * BLOCK_SIZE - 1
+                self.decode([0] * batch, [-1] * batch, [position] * batch, [0] * batch, [scratch] * batch)
+                if width >= self.max_blocks:
+                    break
+                width *= 2
             for length in (16, 32, 64, 128):
-                if batch * length <= PREFILL_GRAPH_TOKENS and length <= _pow2(self.context_window):
-                    self.prefill(0, [[0] * length] * batch, [0] * batch)
+                if batch * length <= PREFILL_GRAPH_TOKENS and length <= self.context_window:
+                    self.prefill([Chunk([0] * length, 0, 0, scratch)] * batch)
             batch *= 2
         torch.cuda.synchronize()
 
-    # --- cache ---
-
-    def _grow(self, rows: int, columns: int) -> None:
-        rows = max(self.rows, min(_pow2(rows), self.max_rows))
-        columns = max(self.columns, min(_pow2(max(columns, MIN_COLUMNS)), _pow2(self.context_window)))
-        if (rows, columns) == (self.rows, self.columns):
-            return
-        # One more row than the batch can use: the scratch row that prefill padding writes into.
-        shape = (self.num_layers, rows + 1, self.num_kv_heads, columns, self.head_dim)
-        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if self.k is not None:
-            k[:, : self.rows, :, : self.columns] = self.k[:, : self.rows]
-            v[:, : self.rows, :, : self.columns] = self.v[:, : self.rows]
-        self.k, self.v, self.rows, self.columns = k, v, rows, columns
-        self.tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.row_ids = torch.arange(rows, device=self.device)
-        self.pool.rows.set([0] * rows)
-        self._drop_graphs()
-
-    def _drop_graphs(self) -> None:
-        # A memory pool whose graphs are all gone cannot be captured into again: start a new one.
-        self._graphs.clear()
-        self._graph_pool = None
-
-    def compact(self, keep: list[int], columns: int) -> None:
-        """Rows `keep` (in order) become rows 0..len(keep)-1; only `columns` columns are in use."""
-        if keep == list(range(len(keep))):
-            return
-        index = torch.tensor(keep, device=self.device)
-        columns = min(columns, self.columns)
-        self.k[:, : len(keep), :, :columns] = self.k[:, index, :, :columns]
-        self.v[:, : len(keep), :, :columns] = self.v[:, index, :, :columns]
-
     # --- forward ---
 
-    def _forward(self, tokens, positions, rows, columns: int | None) -> torch.Tensor:
-        """Hidden states (batch, tokens, hidden). tokens/positions: (batch, tokens); rows: (batch,)
-        cache rows. columns None: prefill (causal attention among `tokens`); else a decode step
-        (one token per row) attending to the row's cache columns [0, position]."""
-        batch, length = tokens.shape
+    def _forward(self, tokens, positions, slots, slot_mapping, attend):
+        """The residual stream of a flat batch of tokens before the final norm, as (x, pending):
+        x and the last block's output not yet added to it. Inputs: the tokens' ids, positions, pool
+        slots and cache slots (where each token's key and value go). attend(q, layer, plan) gives
+        the attention output (tokens, heads * head_dim) of queries (tokens, heads, head_dim)."""
+        count = tokens.shape[0]
         x = self.body.embed_tokens(tokens)
-        rotary = {key: table[:, positions].unsqueeze(2) for key, table in self.rotary.items()}
-        masks = self._masks(positions, columns)
-        for i, (layer, plan) in enumerate(zip(self.body.layers, self.plans, strict=True)):
+        pending = None
+        rotary = None if self.fused else {k: t[:, positions].unsqueeze(2) for k, t in self.rotary.items()}
+        layers = zip(self.body.layers, self.plans, self.pool.layers, strict=True)
+        for i, (layer, plan, groups) in enumerate(layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x))
-            cos, sin = rotary[plan.rope]
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            self.k[i][rows[:, None], :, positions] = k.transpose(1, 2)
-            self.v[i][rows[:, None], :, positions] = v.transpose(1, 2)
-            mask = masks.get(plan.window)
-            if columns is None:
-                k = k[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(q.shape)
-                v = v[:, :, None].expand(-1, -1, self.groups, -1, -1).reshape(q.shape)
-                o = _attend(q, k, v, mask, self.scaling, plan.softcap)
-                o = o.transpose(1, 2).reshape(batch, length, -1)
+            x, h = self._add_norm(layer.input_layernorm, x, pending)
+            q, k, v = groups["qkv"](h, slots).split(self.qkv_sizes, dim=-1)
+            q = q.view(count, self.num_heads, self.head_dim)
+            k = k.view(count, self.num_kv_heads, self.head_dim)
+            v = v.view(count, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            if self.fused:
+                table = self.rotary[plan.rope]
+                q = rotary_write_kv(q, k, v, table, positions, self.k[i], self.v[i], slot_mapping)
             else:
-                # One query per row: the query heads of one KV head stand in for query positions.
-                q = q.reshape(batch, self.num_kv_heads, self.groups, self.head_dim)
-                k, v = self.k[i][:batch, :, :columns], self.v[i][:batch, :, :columns]
-                o = _attend(q, k, v, mask, self.scaling, plan.softcap).reshape(batch, 1, -1)
-            o = attn.o_proj(o)
+                cos, sin = rotary[plan.rope]
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+                write_kv(self.k[i], self.v[i], k, v, slot_mapping)
+            o = groups["o"](attend(q, i, plan), slots)
             if self.sandwich_norms:
                 x = x + layer.post_attention_layernorm(o)
-                x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+                h = layer.pre_feedforward_layernorm(x)
             else:
-                x = x + o
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return x
+                x, h = self._add_norm(layer.post_attention_layernorm, x, o)
+            gate_up = groups["gate_up"](h, slots)
+            if self.fused_activation[i] is not None:
+                h = act_and_mul(gate_up, self.fused_activation[i])
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                h = self.activations[i](gate) * up
+            h = groups["down"](h, slots)
+            pending = layer.post_feedforward_layernorm(h) if self.sandwich_norms else h
+        return x, pending
 
-    def _qkv(self, attn, h):
-        """Queries, keys and values of the normed hidden states h, (batch, heads, tokens, head_dim)."""
-        batch, length = h.shape[:2]
-        if self.fused_qkv:
-            q, k, v = attn.qkv_proj(h).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        q = q.view(batch, length, self.num_heads, self.head_dim)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    def _add_norm(self, norm: nn.Module, x, add):
+        """(x + add, norm(x + add)); add may be None."""
+        if self.fused and not self.sandwich_norms:
+            eps = getattr(norm, "variance_epsilon", None) or norm.eps
+            return add_rms_norm(x, add, norm.weight, eps, self.unit_offset_norm)
+        x = x if add is None else x + add
+        return x, norm(x)
 
-    def _masks(self, positions, columns: int | None) -> dict:
-        """Which keys each query sees, (batch, 1, queries, keys), per window (None: causal only),
-        for the layers that need a mask: all of them in a decode step (its keys are cache
-        columns); in prefill (keys: the prompt's tokens) sliding or soft-capped ones, leaving
-        plain causal layers SDPA's own causal kernel."""
-        if columns is None:
-            # Every prefill row sits at positions 0..length-1: one mask serves them all.
-            positions, keys = positions[:1], self.arange[: positions.shape[1]]
-            windows = {p.window for p in self.plans if p.window is not None or p.softcap is not None}
-        else:
-            keys = self.arange[:columns]
-            windows = {p.window for p in self.plans}
-        query = positions[:, None, :, None]
-        masks = {}
-        for window in windows:
-            visible = keys <= query
-            masks[window] = visible if window is None else visible & (keys > query - window)
-        return masks
-
-    def _head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model.lm_head(self.body.norm(hidden))
+    def _head(self, x: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, hidden = self._add_norm(self.body.norm, x, pending)
+        logits = self.model.lm_head(hidden)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits, logits.argmax(dim=-1)
 
-    def prefill(self, first_row: int, prompts: list[list[int]], slots: list[int]):
-        """Write the prompts' KV into rows first_row.. and return (logits, greedy tokens) of their
-        last positions, one row per prompt. The batch is padded to a power of two (spare entries
-        write into the scratch row) and the length to a power of two, at least 16."""
-        n, longest = len(prompts), max(len(p) for p in prompts)
-        batch, length = _pow2(n), max(16, _pow2(longest))
-        self._grow(first_row + n, length)
-        inputs = self._prefill_inputs.get((batch, length))
+    def _cache_slots(self, tables, positions, valid=None):
+        """Flat cache slot of each position in its row's blocks (scratch 0 where not `valid`)."""
+        index = (positions // BLOCK_SIZE).clamp(max=tables.shape[1] - 1)
+        slots = tables.gather(1, index).long() * BLOCK_SIZE + positions % BLOCK_SIZE
+        return slots if valid is None else torch.where(valid, slots, 0)
+
+    # --- prefill ---
+
+    def prefill(self, chunks: list[Chunk]) -> "StepOutput":
+        """Launch the writing of the chunks' keys and values into their blocks; the result holds the
+        logits and greedy token of each chunk's last position (the tokens also in last_tokens from
+        max_rows on). The batch is padded to a power of two, the chunk length to a power of two (at
+        least 16) and the keys to a power of two of blocks."""
+        n = len(chunks)
+        batch = _pow2(n)
+        length = max(16, _pow2(max(len(c.tokens) for c in chunks)))
+        key_blocks = self._width(max(c.start + len(c.tokens) for c in chunks))
+        key = (batch, length, key_blocks)
+        inputs = self._prefill_inputs.get(key)
         if inputs is None:
-            inputs = (
+            inputs = self._prefill_inputs[key] = (
                 torch.zeros(batch, length, dtype=torch.long, device=self.device),
-                torch.zeros(batch, dtype=torch.long, device=self.device),
-                torch.zeros(batch, dtype=torch.long, device=self.device),
+                torch.zeros(batch, dtype=torch.long, device=self.device),  # start
+                torch.zeros(batch, dtype=torch.long, device=self.device),  # chunk length
+                torch.zeros(batch, dtype=torch.long, device=self.device),  # pool slot
+                torch.zeros(batch, key_blocks, dtype=torch.int32, device=self.device),
             )
-            self._prefill_inputs[(batch, length)] = inputs
         tokens = torch.zeros(batch, length, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            tokens[row, : len(prompt)] = torch.tensor(prompt)
-        rows = list(range(first_row, first_row + n)) + [self.rows] * (batch - n)
-        last = [len(p) - 1 for p in prompts] + [0] * (batch - n)
+        tables = torch.zeros(batch, key_blocks, dtype=torch.int32)
+        for row, c in enumerate(chunks):
+            tokens[row, : len(c.tokens)] = torch.tensor(c.tokens)
+            blocks = c.blocks[:key_blocks]
+            tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        pad = [0] * (batch - n)
         inputs[0].copy_(tokens, non_blocking=True)
-        inputs[1].copy_(torch.tensor(rows), non_blocking=True)
-        inputs[2].copy_(torch.tensor(last), non_blocking=True)
-        self.pool.rows.set(slots + [0] * (batch - n))
+        inputs[1].copy_(torch.tensor([c.start for c in chunks] + pad), non_blocking=True)
+        inputs[2].copy_(torch.tensor([len(c.tokens) for c in chunks] + pad), non_blocking=True)
+        inputs[3].copy_(torch.tensor([c.slot for c in chunks] + pad), non_blocking=True)
+        inputs[4].copy_(tables, non_blocking=True)
         graph = batch * length <= PREFILL_GRAPH_TOKENS
-        logits, greedy = self._run(("prefill", batch, length), lambda: self._prefill_static(*inputs), graph)
-        return logits[:n], greedy[:n]
+        logits, greedy = self._run(("prefill", *key), lambda: self._prefill_static(*inputs), graph)
+        return self._output(logits[:n], greedy[:n])
 
-    def _prefill_static(self, tokens, rows, last):
+    def _prefill_static(self, tokens, start, count, slots, tables):
         batch, length = tokens.shape
-        positions = self.arange[:length].expand(batch, -1)
-        hidden = self._forward(tokens, positions, rows, None)
-        return self._head(hidden[self.arange[:batch], last])
+        offsets = self.arange[:length]
+        positions = start[:, None] + offsets
+        valid = offsets < count[:, None]
+        lengths = (start + count).int()
+        cache_slots = self._cache_slots(tables, positions, valid)
 
-    def decode(self, tokens: list[int], positions: list[int], slots: list[int]):
-        """One step for rows 0..n-1: token i sits at position positions[i] of row i. Returns
-        (logits, greedy tokens) for the n rows."""
-        n = len(tokens)
-        self._grow(n, max(positions) + 1)
-        batch = min(_pow2(n), self.rows)
-        columns = min(max(_pow2(max(positions) + 1), MIN_COLUMNS), self.columns)
-        pad = batch - n
-        self.tokens[:batch].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
-        self.positions[:batch].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.pool.rows.set(slots + [0] * pad)
-        logits, greedy = self._run(("decode", batch, columns), lambda: self._decode_static(batch, columns))
-        return logits[:n], greedy[:n]
+        def attend(q, i, plan):
+            q = q.view(batch, length, self.num_heads, self.head_dim)
+            o = paged_prefill_attention(
+                q, self.k[i], self.v[i], tables, start.int(), lengths, self.scaling, plan.window, plan.softcap
+            )
+            return o.reshape(batch * length, -1)
 
-    def _decode_static(self, batch: int, columns: int):
-        hidden = self._forward(
-            self.tokens[:batch, None], self.positions[:batch, None], self.row_ids[:batch], columns
+        x, pending = self._forward(
+            tokens.reshape(-1),
+            positions.reshape(-1),
+            slots[:, None].expand(batch, length).reshape(-1),
+            cache_slots.reshape(-1),
+            attend,
         )
-        return self._head(hidden[:, 0])
+        last = self.arange[:batch] * length + (count - 1).clamp(min=0)
+        logits, greedy = self._head(x[last], pending[last])
+        self.last_tokens[self.max_rows : self.max_rows + batch].copy_(greedy)
+        return logits, greedy
+
+    # --- decode ---
+
+    def decode(self, tokens: list[int], sources: list[int], positions: list[int], slots: list[int], tables):
+        """Launch one step for rows 0..n-1: row i's input token is last_tokens[sources[i]] (a token
+        of the previous decode step or prefill, still on the device) or, where sources[i] is -1,
+        tokens[i]; it sits at position positions[i] of the row, whose blocks are tables[i]."""
+        n = len(tokens)
+        batch = _pow2(n)
+        inputs = torch.zeros(4, batch, dtype=torch.long)
+        inputs[1] = -1
+        inputs[:, :n] = torch.tensor([tokens, sources, positions, slots])
+        self.inputs[:, :batch].copy_(inputs, non_blocking=True)
+        host = torch.zeros(batch, self.max_blocks, dtype=torch.int32)
+        for row, blocks in enumerate(tables):
+            host[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.tables[:batch].copy_(host, non_blocking=True)
+        width = self._width(max(positions) + 1)
+        logits, greedy = self._run(("decode", batch, width), lambda: self._decode_static(batch, width))
+        return self._output(logits[:n], greedy[:n])
+
+    def _output(self, logits, greedy) -> "StepOutput":
+        """The greedy tokens on their way to pinned host memory, behind the launched work."""
+        host = self._host_out[self._launches % len(self._host_out)][: len(greedy)]
+        self._launches += 1
+        host.copy_(greedy, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return StepOutput(logits, host, event)
+
+    def _width(self, keys: int) -> int:
+        """Block-table width (blocks) that attention reads for rows of up to `keys` keys."""
+        return min(max(MIN_KEY_BLOCKS, _pow2(blocks_for(keys))), self.max_blocks)
+
+    def _decode_static(self, batch: int, width: int):
+        given, sources, positions, slots = self.inputs[:, :batch]
+        tokens = torch.where(sources >= 0, self.last_tokens[sources.clamp(min=0)], given)
+        tables = self.tables[:batch, :width]
+        lengths = (positions + 1).int()
+        cache_slots = self._cache_slots(tables, positions[:, None])[:, 0]
+
+        def attend(q, i, plan):
+            o = paged_decode_attention(
+                q, self.k[i], self.v[i], tables, lengths, self.scaling, plan.window, plan.softcap
+            )
+            return o.reshape(batch, -1)
+
+        x, pending = self._forward(tokens, positions, slots, cache_slots, attend)
+        logits, greedy = self._head(x, pending)
+        self.last_tokens[:batch].copy_(greedy)
+        return logits, greedy
 
     # --- CUDA graphs ---
 
@@ -297,10 +385,12 @@ class BatchDecoder:
         """step() reads only static buffers; on CUDA it is captured once per key and replayed."""
         if not (self.use_graphs and graph):
             return step()
-        version = (self.rows, self.columns, self.pool.version)
-        if version != self._graph_key:
-            self._drop_graphs()
-            self._graph_key = version
+        if self.pool.version != self._graph_version:
+            # The pool's buffers were reallocated: graphs read the old ones. A memory pool whose
+            # graphs are all gone cannot be captured into again: start a new one.
+            self._graphs.clear()
+            self._graph_pool = None
+            self._graph_version = self.pool.version
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(step)
@@ -313,7 +403,7 @@ class BatchDecoder:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         # Warm-up runs on a side stream (the documented capture recipe); they write the same
-        # cache entries as the replay that follows (or spare and scratch rows).
+        # cache entries as the replay that follows (or the scratch block).
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -5,14 +5,19 @@ HTTP handlers `submit` a request and read its events from a `ResultStream` (an a
 the event loop never waits on torch; the engine hands over each step's events for all streams in
 one thread-safe call, and text is detokenized incrementally (a few tokens per step, not the whole
 sequence). Each loop turn the engine thread admits
-waiting requests whose adapter sits in a pool slot (loads run on the loader thread meanwhile),
-prefills the newcomers together, appends them to the running batch, then runs one decode step for
-every running sequence at once (`BatchDecoder`: a preallocated KV cache, one row per sequence at
-its own positions, so a row computes the same thing alone or next to others; on CUDA the decode
-step is a replayed CUDA graph). Greedy tokens come back for the whole batch in one transfer."""
+waiting requests whose adapter sits in a pool slot (loads run on the loader thread meanwhile) and
+whose prompt fits the free KV blocks, prefills one chunk budget of the admitted prompts (a long
+prompt takes several turns, with decode steps between them), appends the sequences whose prompt is
+in the cache to the running batch, then runs one decode step for every running sequence at once
+(`BatchDecoder`: a paged KV cache, each row at its own positions, so a row computes the same thing
+alone or next to others; on CUDA the decode step is a replayed CUDA graph). Greedy tokens come back
+for the whole batch in one transfer. When a growing sequence finds no free block, the most recently
+admitted sequence gives its blocks up and waits to be prefilled again, its tokens so far included
+(recompute preemption, as in vLLM): nothing is reserved for the longest context."""
 
 import asyncio
 import logging
+import os
 import queue
 import sys
 import threading
@@ -28,6 +33,7 @@ from app.core.adapter_files import AdapterGone
 from app.core.base_models import resolve_base_model
 from app.core.metrics import (
     GPU_MEMORY_BYTES,
+    INFERENCE_PREEMPTIONS,
     INFERENCE_REQUESTS,
     INFERENCE_RUNNING,
     INFERENCE_WAITING,
@@ -36,12 +42,18 @@ from app.core.metrics import (
 )
 from app.core.settings import Settings
 from app.inference.adapters import AdapterLoader, AdapterTiers, reserve_pinned_memory
-from app.inference.decoder import PREFILL_TOKENS, BatchDecoder
-from app.inference.lora import AdapterPool
+from app.inference.decoder import BatchDecoder, Chunk, StepOutput, kv_bytes_per_token
+from app.inference.lora import AdapterPool, slot_bytes
 from app.inference.messages import Completion, EngineStopped, Failure, GenerationRequest, TextDelta
+from app.inference.paged_attention import BLOCK_SIZE, blocks_for
 from app.inference.sampling import Detokenizer, TextTracker, make_generator, sample_token
 
 log = logging.getLogger(__name__)
+
+# Automatic GPU adapter slots stop here (each costs every slot-indexed buffer a row).
+MAX_AUTO_SLOTS = 512
+# CPU tier staging buffers pinned at start (more are pinned as the tier fills).
+PINNED_STAGING = 32
 
 
 class ResultStream:
@@ -92,6 +104,40 @@ class Sequence:
     token_counter: object = None  # TOKENS_GENERATED's child for this model, looked up once
     # Tokens held in the KV cache for this row (prompt + generated except the newest).
     length: int = 0
+    blocks: list[int] = field(default_factory=list)
+    # Of `context` (what must be in the cache before decoding), the tokens prefilled so far.
+    prefilled: int = 0
+    context: list[int] = field(default_factory=list)
+    admitted: int = 0  # admission order: the latest gives its blocks up first
+    launched: int = 0  # tokens launched (taken in or in flight)
+    # Where its next input token is: an index into the decoder's last_tokens, or -1: generated[-1].
+    source: int = -1
+    done: bool = False  # finished or cancelled; its blocks and slot go back before the next step
+
+
+@dataclass
+class Step:
+    """A launched forward and which sequence's token each of its rows holds."""
+
+    output: StepOutput
+    rows: list[tuple[Sequence, int]]
+
+
+class BlockAllocator:
+    """The KV cache's free blocks; block 0 is the decoder's scratch block, never handed out."""
+
+    def __init__(self, num_blocks: int):
+        self.free = list(range(num_blocks - 1, 0, -1))
+
+    def take(self, count: int) -> list[int] | None:
+        if count > len(self.free):
+            return None
+        taken = self.free[len(self.free) - count :]
+        del self.free[len(self.free) - count :]
+        return taken
+
+    def give(self, blocks: list[int]) -> None:
+        self.free.extend(blocks)
 
 
 class Engine:
@@ -118,8 +164,11 @@ class Engine:
         self.context_window = settings.max_context_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
-        # Admitted, not yet in the batch (failed with the batch if a forward pass raises).
+        # Admitted, prompt not yet all in the cache (failed with the batch if a forward pass raises).
         self.prefilling: list[Sequence] = []
+        # Steps launched, whose tokens the host has not taken in yet (launch order).
+        self.inflight: list[Step] = []
+        self._admissions = 0
         # Events for the handlers, sent to their event loops together by `_send_events`.
         self.outbox: list[tuple[ResultStream, object]] = []
 
@@ -158,6 +207,13 @@ class Engine:
         self._commands.put(("unload", version))
         self.wake()
 
+    def capacity(self) -> str:
+        """What the engine holds, sized from the settings or the free memory (logged at start)."""
+        return (
+            f"{self.tiers.pool.num_slots - 1} GPU adapter slots, {self.tiers.cpu_capacity} CPU tier "
+            f"entries, {(self.decoder.num_blocks - 1) * BLOCK_SIZE} KV cache tokens on {self.device}"
+        )
+
     def resident_adapters(self) -> dict[str, list[str]]:
         return self.tiers.resident() if self.tiers else {"gpu": [], "cpu": []}
 
@@ -174,27 +230,60 @@ class Engine:
         # No attn_implementation: the decoder computes attention itself, and asking for "sdpa"
         # refuses families that lack it (Gemma 2).
         model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=self.dtype)
-        self.model = model.to(self.device).eval()
-        # Rank 16 (the trainer's default) from the start: loading such adapters reallocates nothing.
-        pool = AdapterPool(self.model, self.settings.gpu_adapter_slots, self.device, rank=16)
-        self.tiers = AdapterTiers(pool, self.settings.cpu_adapter_cache, self.loader, wake=self._wake)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.context_window = min(self.settings.max_context_tokens, self.model.config.max_position_embeddings)
-        self.decoder = BatchDecoder(self.model, pool, self.settings.max_batch_size, self.context_window)
+        # Rank 16 (the trainer's default) from the start: loading such adapters reallocates nothing.
+        slots = self.settings.gpu_adapter_slots or self._auto_slots()
+        pool = AdapterPool(self.model, slots, self.device, rank=16)
+        cpu_entries = self.settings.cpu_adapter_cache or self._auto_cpu_entries(pool)
+        self.tiers = AdapterTiers(pool, cpu_entries, self.loader, wake=self._wake)
+        kv_blocks = blocks_for(self.settings.kv_cache_tokens or self._auto_kv_tokens())
+        self.decoder = BatchDecoder(
+            self.model,
+            pool,
+            self.settings.max_batch_size,
+            self.context_window,
+            kv_blocks,
+            self.settings.prefill_chunk_tokens,
+        )
+        self.blocks = BlockAllocator(self.decoder.num_blocks)
         with torch.inference_mode():
             self.decoder.warm_up()
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}
         if self.device.type == "cuda":
-            # The CPU tier's staging memory, pinned now (for adapters of the pool's rank on every
-            # layer, the trainer's default), not while requests wait and run; one more for a load
-            # in flight while the tier is full.
-            reserve_pinned_memory(
-                pool.staged_numel(pool.rank), self.settings.cpu_adapter_cache + 1, self.dtype
-            )
+            # Staging memory for the CPU tier, pinned now (for adapters of the pool's rank on
+            # every layer, the trainer's default), not while requests wait and run: as many as
+            # are likely in flight at once; more are pinned as the tier fills, and an evicted
+            # entry's buffer is reused from torch's pinned-memory cache.
+            staged = pool.staged_numel(pool.rank)
+            reserve_pinned_memory(staged, min(cpu_entries, PINNED_STAGING) + 1, self.dtype)
             # Read when /metrics is scraped: reading it every step cost a third of the engine
             # thread's time holding the GIL (torch builds the allocator's whole stats dict).
             GPU_MEMORY_BYTES.set_function(lambda: torch.cuda.memory_allocated(self.device))
+
+    def _auto_slots(self) -> int:
+        """GPU adapter slots when not set: on CUDA as many rank-16 adapters as fit in a tenth of
+        the memory free after the weights (up to MAX_AUTO_SLOTS); on the CPU a few."""
+        if self.device.type != "cuda":
+            return 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(8, min(MAX_AUTO_SLOTS, int(0.1 * free) // slot_bytes(self.model, 16)))
+
+    def _auto_cpu_entries(self, pool: AdapterPool) -> int:
+        """CPU tier entries when not set: twice the GPU slots, within an eighth of the host's memory."""
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(8, min(2 * (pool.num_slots - 1), host // 8 // pool.slot_bytes(pool.rank)))
+
+    def _auto_kv_tokens(self) -> int:
+        """KV cache tokens when not set: enough for every batch row at the full context (never
+        more), within half the GPU memory free once the weights and the adapter pool are in."""
+        worst = self.settings.max_batch_size * self.context_window
+        if self.device.type != "cuda":
+            return worst  # CPU pages are committed only as they are written
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return min(worst, int(0.5 * free) // kv_bytes_per_token(self.model, self.dtype))
 
     def _on_adapter_loaded(self, version: str, result) -> None:
         self.tiers.deliver(version, result)
@@ -230,22 +319,30 @@ class Engine:
                     stream.cancelled = True
 
     def _turn(self) -> None:
+        """Launch this turn's decode step and prefill chunk, then take in the tokens of the previous
+        turn's while the GPU runs them: greedy rows read their next input token on the device, so
+        the host's work per token (text, stop strings, events) overlaps the next step. Sampled rows
+        need their token from the host first: with one in flight, the turn waits for it."""
         self._wake.clear()
         self._drain_commands()
         for version, error in self.tiers.finished_loads():
             if error is not None:
                 self._fail_waiting_for(version, error)
         admitted = self._admit()
-        self.prefilling = list(admitted)
-        if self.prefilling:
-            self._prefill_all()
-            self._send_events()  # first tokens out before the decode step
-        self._drop_cancelled()
+        self._drop_finished()
+        if any(not seq.request.params.greedy for step in self.inflight for seq, _ in step.rows):
+            self._take_inflight()
         INFERENCE_WAITING.set(len(self.waiting))
         INFERENCE_RUNNING.set(len(self.running))
-        if self.running:
-            self._decode_step()
-        elif not admitted:
+        launched = []
+        if self.running and self._grow_blocks():
+            launched.append(self._launch_decode())
+        if self.prefilling:
+            launched.append(self._launch_prefill())
+        taken = bool(self.inflight)
+        self._take_inflight()
+        self.inflight = [step for step in launched if step is not None]
+        if not (self.inflight or taken or admitted):
             self._wake.wait(timeout=1.0)
 
     def _drain_commands(self) -> None:
@@ -255,84 +352,148 @@ class Engine:
             except queue.Empty:
                 return
             if command == "submit":
+                arg.context = arg.request.prompt_ids
                 self.waiting.append(arg)
             elif command == "unload":
                 self.tiers.unload(arg)
                 self._fail_waiting_for(arg, AdapterGone("the model was deleted"))
 
     def _admit(self) -> list[Sequence]:
-        admitted, still_waiting = [], []
+        """Waiting sequences, in order, while the batch has room and their prompt fits the free
+        blocks (a sequence that does not fit holds the ones after it back, so a long prompt is not
+        starved by short ones)."""
+        for seq in [s for s in self.waiting if s.stream.cancelled]:
+            self._finish_metrics(seq, "cancelled")
+        self.waiting = [s for s in self.waiting if not s.stream.cancelled]
+        admitted = []
         for seq in self.waiting:
-            if seq.stream.cancelled:
-                self._finish_metrics(seq, "cancelled")
-                continue
+            if len(self.running) + len(self.prefilling) >= self.settings.max_batch_size:
+                break
             slot = 0
-            room = len(self.running) + len(admitted) < self.settings.max_batch_size
-            if room and seq.request.adapter is not None:
+            if seq.request.adapter is not None:
                 slot = self.tiers.acquire(seq.request.adapter)
-            if not room or slot is None:
-                still_waiting.append(seq)
-                continue
-            seq.slot = slot
+                if slot is None:  # loading, or every slot pinned: the others may go ahead
+                    continue
+            blocks = self.blocks.take(blocks_for(len(seq.context) + 1))
+            if blocks is None:
+                self.tiers.release(slot)
+                break
+            seq.slot, seq.blocks, seq.prefilled = slot, blocks, 0
+            self._admissions += 1
+            seq.admitted = self._admissions
             admitted.append(seq)
-        self.waiting = still_waiting
+            self.prefilling.append(seq)
+        taken = {id(seq) for seq in admitted}
+        self.waiting = [s for s in self.waiting if id(s) not in taken]
         return admitted
 
-    def _prefill_all(self) -> None:
-        """Prefill this turn's newcomers in batches (one forward pass each) and append them to the
-        running batch; rows run, in order, n.. for the newcomers."""
-        batch: list[Sequence] = []
+    def _launch_prefill(self) -> "Step":
+        """One prefill forward over the next chunks of the admitted prompts, within the decoder's
+        prefill_tokens (padded); sequences whose context is then all in the cache join the running
+        batch, their first token (still on the device) the input of their first decode step."""
+        budget = self.decoder.prefill_tokens
+        batch: list[tuple[Sequence, Chunk]] = []
         longest = 0
-        for seq in list(self.prefilling):
-            longest = max(longest, len(seq.request.prompt_ids))
-            if batch and longest * (len(batch) + 1) > PREFILL_TOKENS:
-                self._prefill(batch)
-                batch, longest = [], len(seq.request.prompt_ids)
-            batch.append(seq)
-        if batch:
-            self._prefill(batch)
-
-    def _prefill(self, batch: list[Sequence]) -> None:
-        for seq in batch:
-            seq.generator = make_generator(seq.request.params)
-            seq.tracker = TextTracker(seq.request.params.stop)
-            seq.detokenizer = Detokenizer(self.tokenizer)
-            seq.token_counter = TOKENS_GENERATED.labels(seq.request.model)
-            seq.length = len(seq.request.prompt_ids)
-        logits, greedy = self.decoder.prefill(
-            len(self.running), [s.request.prompt_ids for s in batch], [s.slot for s in batch]
-        )
-        greedy = greedy.tolist()
-        now = time.monotonic()
-        first = len(self.running)
-        self.running.extend(batch)
-        for seq in batch:
+        for seq in self.prefilling:
+            take = min(len(seq.context) - seq.prefilled, budget)
+            padded = _pow2(len(batch) + 1) * max(16, _pow2(max(longest, take)))
+            if batch and padded > budget:
+                break
+            longest = max(longest, take)
+            tokens = seq.context[seq.prefilled : seq.prefilled + take]
+            batch.append((seq, Chunk(tokens, seq.prefilled, seq.slot, seq.blocks)))
+        output = self.decoder.prefill([chunk for _, chunk in batch])
+        rows = []
+        for i, (seq, chunk) in enumerate(batch):
+            seq.prefilled += len(chunk.tokens)
+            if seq.prefilled < len(seq.context):
+                continue
             self.prefilling.remove(seq)
-        finished = []
-        for i, seq in enumerate(batch):
-            TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(now - seq.submitted_at)
-            if self._accept_token(seq, logits[i], greedy[i]):
-                finished.append(first + i)
-        self._remove_rows(finished)
+            self.running.append(seq)
+            seq.length = len(seq.context)
+            if seq.generated:
+                # Resumed after preemption: its next input is the last token it generated.
+                seq.source = -1
+                continue
+            seq.launched, seq.source = 1, self.decoder.max_rows + i
+            rows.append((seq, i))
+        return Step(output, rows)
 
-    def _decode_step(self) -> None:
-        logits, greedy = self.decoder.decode(
-            [s.generated[-1] for s in self.running],
-            [s.length for s in self.running],
-            [s.slot for s in self.running],
+    def _grow_blocks(self) -> bool:
+        """A block for every row of the next step whose token starts one; when none is free, the
+        latest admitted sequence gives its blocks up (preempted) until the rest fit. False when no
+        row is left to step."""
+        for seq in self._decoding():
+            while not seq.done and seq in self.running and seq.length >= len(seq.blocks) * BLOCK_SIZE:
+                taken = self.blocks.take(1)
+                if taken is not None:
+                    seq.blocks += taken
+                    continue
+                # Its tokens so far must be known before a sequence can start over with them.
+                self._take_inflight()
+                self._drop_finished()
+                victim = max([*self.running, *self.prefilling], key=lambda s: s.admitted)
+                self._preempt(victim)
+        return bool(self._decoding())
+
+    def _decoding(self) -> list[Sequence]:
+        """The running sequences that take part in the next decode step."""
+        return [s for s in self.running if not s.done and s.launched < s.request.params.max_new_tokens]
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give the sequence's blocks and slot up; it waits, first in line, to be prefilled again
+        with what it generated so far, then goes on where it stopped."""
+        (self.running if seq in self.running else self.prefilling).remove(seq)
+        self._release(seq)
+        if seq.generated:
+            seq.context = seq.request.prompt_ids + seq.generated[:-1]
+        seq.prefilled = 0
+        self.waiting.insert(0, seq)
+        INFERENCE_PREEMPTIONS.inc()
+
+    def _launch_decode(self) -> "Step":
+        batch = self._decoding()
+        tokens = [s.generated[-1] if s.source < 0 else 0 for s in batch]
+        output = self.decoder.decode(
+            tokens,
+            [s.source for s in batch],
+            [s.length for s in batch],
+            [s.slot for s in batch],
+            [s.blocks for s in batch],
         )
-        greedy = greedy.tolist()
-        finished = []
-        for row, seq in enumerate(self.running):
+        for row, seq in enumerate(batch):
             seq.length += 1
-            if self._accept_token(seq, logits[row], greedy[row]):
-                finished.append(row)
-        self._remove_rows(finished)
+            seq.launched += 1
+            seq.source = row
+        return Step(output, list(zip(batch, range(len(batch)), strict=True)))
 
-    def _accept_token(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> bool:
-        """Record one sampled token and send its text; True when the sequence is finished."""
+    def _take_inflight(self) -> None:
+        """Take in the tokens of the launched steps, in launch order (waiting for the GPU)."""
+        steps, self.inflight = self.inflight, []
+        for step in steps:
+            greedy = step.output.tokens()
+            now = time.monotonic()
+            for seq, row in step.rows:
+                if seq.done:  # cancelled, or finished by an earlier token
+                    continue
+                params = seq.request.params
+                if seq.tracker is None:  # its first token
+                    seq.generator = make_generator(params)
+                    seq.tracker = TextTracker(params.stop)
+                    seq.detokenizer = Detokenizer(self.tokenizer)
+                    seq.token_counter = TOKENS_GENERATED.labels(seq.request.model)
+                    TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(now - seq.submitted_at)
+                token = greedy[row]
+                if not params.greedy:
+                    token = sample_token(step.output.logits[row], params, seq.generator)
+                    seq.source = -1  # the device holds the argmax, not this token
+                if self._accept_token(seq, token):
+                    seq.done = True
+        self._send_events()
+
+    def _accept_token(self, seq: Sequence, token: int) -> bool:
+        """Record one generated token and send its text; True when the sequence is finished."""
         params = seq.request.params
-        token = greedy if params.greedy else sample_token(logits, params, seq.generator)
         seq.generated.append(token)
         is_eos = token in self.eos_ids
         finished = is_eos or len(seq.generated) >= params.max_new_tokens
@@ -351,26 +512,22 @@ class Engine:
         self._finish_metrics(seq, "completed")
         return True
 
-    def _remove_rows(self, rows: list[int]) -> None:
-        if not rows:
-            return
-        for row in rows:
-            self._release(self.running[row])
-        gone = set(rows)
-        keep = [i for i in range(len(self.running)) if i not in gone]
-        columns = max(s.length + 1 for s in self.running)
-        self.running = [self.running[i] for i in keep]
-        if keep:
-            self.decoder.compact(keep, columns)
-
-    def _drop_cancelled(self) -> None:
-        rows = [i for i, s in enumerate(self.running) if s.stream.cancelled]
-        for row in rows:
-            self._finish_metrics(self.running[row], "cancelled")
-        self._remove_rows(rows)
+    def _drop_finished(self) -> None:
+        """Give back the blocks and slots of finished and cancelled sequences (a step in flight
+        that still writes to those blocks runs before any later step that reuses them)."""
+        for seq in [*self.running, *self.prefilling]:
+            if seq.stream.cancelled and not seq.done:
+                seq.done = True
+                self._finish_metrics(seq, "cancelled")
+        for group in (self.running, self.prefilling):
+            for seq in [s for s in group if s.done]:
+                group.remove(seq)
+                self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
         self.tiers.release(seq.slot)
+        self.blocks.give(seq.blocks)
+        seq.blocks = []
 
     def _fail_waiting_for(self, version: str, error: Exception) -> None:
         keep = []
@@ -383,6 +540,7 @@ class Engine:
         self.waiting = keep
 
     def _fail_all(self, error: Exception) -> None:
+        self.inflight = []
         for seq in [*self.running, *self.prefilling]:
             self._release(seq)
         for seq in [*self.running, *self.prefilling, *self.waiting]:
@@ -392,6 +550,10 @@ class Engine:
 
     def _finish_metrics(self, seq: Sequence, outcome: str) -> None:
         INFERENCE_REQUESTS.labels(seq.request.model, outcome).inc()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _deliver(items: list[tuple[ResultStream, object]]) -> None:

@@ -93,6 +93,11 @@ def layer_plans(model: nn.Module, context_window: int) -> list[LayerPlan]:
     return plans
 
 
+def unit_offset_norm(config) -> bool:
+    """Gemma's RMSNorm scales by 1 + weight (in fp32), the others by weight."""
+    return config.model_type in ("gemma2", "gemma3_text")
+
+
 def final_softcap(config) -> float | None:
     capped = SOFTCAPPING.get(config.model_type, Family()).final_softcap
     return config.final_logit_softcapping if capped else None

@@ -1,16 +1,16 @@
-"""Mixed-adapter LoRA over a stacked adapter pool (the punica / S-LoRA layout).
+"""Per-row LoRA over a stacked adapter pool (the punica / S-LoRA layout), on fused base projections.
 
-Every linear layer inside the decoder layers is wrapped: it holds A and B for all GPU slots,
-stacked as A (slots, rank, in) and B^T (slots, rank, out), with each adapter's scale folded into
-its A. A batch row's delta is computed against every slot at once and masked to the row's own
-slot: x @ A_all^T gives (tokens, slots * rank), a per-row 0/1 mask keeps the row's slot, and that
-times B^T_all is the delta. With a handful of slots and rank 16 both products are tiny (the pool holds
-well under a megabyte per layer), nothing is gathered per step, the shapes never depend on which
-adapters are in the batch (so a decode step can be captured once as a CUDA graph and replayed),
-and a row of slot 0 (the base model) gets an exact zero delta. Adapters of smaller rank are
-zero-padded up to the pool's rank, which grows (for every layer together) when needed."""
+The projections of a decoder layer that share an input run as one base GEMM each (q/k/v, gate/up;
+Phi-3 ships them fused), so a layer has four `LoraGroup`s: qkv, o, gate_up and down. A group holds,
+for every GPU slot, its members' A matrices stacked, A (slots, members * rank, in), with each
+adapter's scale folded in, and their B matrices transposed side by side, BT (slots, rank, out). A
+token's delta is gathered from its own slot only (`lora_kernels`: BGMV-style shrink and expand), so
+the cost of a batch does not depend on how many adapters are resident, slot 0 (the base model) costs
+nothing, and each slot's real rank (`ranks`) bounds the work: adapters of ranks 8 to 64 share a
+batch. The shapes never depend on which adapters are in the batch, so a decode step is captured
+once as a CUDA graph. Adapters of smaller rank are zero-padded up to the pool's rank, which grows
+(for every layer together) when needed."""
 
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,156 +18,166 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.inference.lora_kernels import lora_apply
+
 Weights = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]  # name -> (A, B, scale)
 
-
-class RowSlots:
-    """Which pool slot each batch row uses in the next forward pass (set by the engine), as the
-    (rows, slots * rank) 0/1 mask that every wrapped layer reads. The mask lives in one buffer
-    that is written in place, so captured graphs keep reading the current rows."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device = device
-        self.dtype = dtype
-        self.num_slots = 1
-        self.rank = 0
-        self.mask = torch.zeros(1, 0, dtype=dtype, device=device)
-        self.slots: tuple[int, ...] = (0,)
-        self.version = 0  # bumped whenever `mask` is reallocated
-
-    def resize(self, num_slots: int, rank: int, rows: int) -> None:
-        rows = max(rows, self.mask.shape[0])
-        self.num_slots, self.rank = num_slots, rank
-        self.mask = torch.zeros(rows, num_slots * rank, dtype=self.dtype, device=self.device)
-        self.version += 1
-        self.set(list(self.slots))
-
-    def set(self, slots: list[int]) -> None:
-        self.slots = tuple(slots)
-        if len(slots) > self.mask.shape[0]:
-            self.resize(self.num_slots, self.rank, len(slots))
-            return
-        if self.rank == 0:
-            return
-        onehot = torch.zeros(len(slots), self.num_slots, self.rank, dtype=self.dtype)
-        onehot[torch.arange(len(slots)), torch.tensor(slots, dtype=torch.long)] = 1
-        self.mask[: len(slots)].copy_(onehot.view(len(slots), -1), non_blocking=True)
+# Per layer: the group name, then its members as (attribute path, fused alternative).
+GROUPS = (
+    ("qkv", ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj")),
+    ("o", ("self_attn", ("o_proj",), None)),
+    ("gate_up", ("mlp", ("gate_proj", "up_proj"), "gate_up_proj")),
+    ("down", ("mlp", ("down_proj",), None)),
+)
 
 
-class PooledLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, num_slots: int, rows: RowSlots):
-        super().__init__()
-        self.base = base
-        self.rows = rows
+def _members(layer) -> list[tuple[str, str, list[str]]]:
+    """(group, parent attribute, member attributes) of one decoder layer."""
+    out = []
+    for group_name, (parent_name, names, fused) in GROUPS:
+        parent = getattr(layer, parent_name)
+        out.append((group_name, parent_name, [fused] if fused and hasattr(parent, fused) else list(names)))
+    return out
+
+
+def slot_bytes(model: nn.Module, rank: int) -> int:
+    """GPU memory one pool slot of `rank` takes on `model` (before a pool is built)."""
+    numel = 0
+    for layer in model.model.layers:
+        for _, parent_name, members in _members(layer):
+            modules = [getattr(getattr(layer, parent_name), m) for m in members]
+            numel += rank * (len(modules) * modules[0].in_features + sum(m.out_features for m in modules))
+    return numel * next(model.parameters()).dtype.itemsize
+
+
+class LoraGroup:
+    """One fused base projection of a layer and its members' pooled LoRA."""
+
+    def __init__(self, modules: list[tuple[str, nn.Linear]], num_slots: int, ranks: torch.Tensor):
+        weights = [m.weight for _, m in modules]
+        self.in_features = weights[0].shape[1]
+        self.weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        biases = [m.bias for _, m in modules]
+        self.bias = None
+        if any(b is not None for b in biases):
+            zeros = [w.new_zeros(w.shape[0]) for w in weights]
+            self.bias = torch.cat([b if b is not None else z for b, z in zip(biases, zeros, strict=True)])
+        # The modules keep views of the fused weight: the model's own forward (and its memory) unchanged.
+        starts = [0]
+        for (_, module), w in zip(modules, weights, strict=True):
+            module.weight.data = self.weight[starts[-1] : starts[-1] + w.shape[0]]
+            starts.append(starts[-1] + w.shape[0])
+        self.out_starts = tuple(starts)
+        self.members = {name: j for j, (name, _) in enumerate(modules)}
+        self.ranks = ranks
         self.num_slots = num_slots
         self.rank = 0
-        weight = base.weight
-        self.register_buffer("lora_A", weight.new_zeros(num_slots, 0, base.in_features), persistent=False)
-        self.register_buffer("lora_BT", weight.new_zeros(num_slots, 0, base.out_features), persistent=False)
+        self.A = self.weight.new_zeros(num_slots, 0, self.in_features)
+        self.BT = self.weight.new_zeros(num_slots, 0, starts[-1])
 
     def grow_rank(self, rank: int) -> None:
         if rank <= self.rank:
             return
-        grown_A = self.lora_A.new_zeros(self.num_slots, rank, self.base.in_features)
-        grown_BT = self.lora_BT.new_zeros(self.num_slots, rank, self.base.out_features)
-        grown_A[:, : self.rank] = self.lora_A
-        grown_BT[:, : self.rank] = self.lora_BT
-        self.lora_A, self.lora_BT, self.rank = grown_A, grown_BT, rank
+        n = len(self.members)
+        A = self.A.new_zeros(self.num_slots, n * rank, self.in_features)
+        BT = self.BT.new_zeros(self.num_slots, rank, self.BT.shape[2])
+        for j in range(n):
+            A[:, j * rank : j * rank + self.rank] = self.A[:, j * self.rank : (j + 1) * self.rank]
+        BT[:, : self.rank] = self.BT
+        self.A, self.BT, self.rank = A, BT, rank
 
-    def clear(self, slot: int) -> None:
-        self.lora_A[slot].zero_()
-        self.lora_BT[slot].zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.rank == 0:
-            return y
-        # x: (batch, tokens, in) -> (batch, tokens, slots * rank), masked to each row's slot.
-        hidden = F.linear(x, self.lora_A.view(-1, self.base.in_features))
-        mask = self.rows.mask[: x.shape[0]]
-        hidden = hidden * (mask.unsqueeze(1) if x.dim() == 3 else mask)
-        return y + torch.matmul(hidden, self.lora_BT.view(-1, self.base.out_features))
+    def __call__(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """x: (tokens, in); slots: (tokens,) each token's pool slot."""
+        y = F.linear(x, self.weight, self.bias)
+        if self.rank:
+            lora_apply(x, y, self.A, self.BT, slots, self.ranks, self.out_starts)
+        return y
 
 
 class AdapterPool:
-    """The GPU tier: `num_slots` adapters resident in the wrapped model at once (slot 0 = none).
-    `version` changes whenever buffers are reallocated (captured graphs must then be redone)."""
+    """The GPU tier: `num_slots` adapters resident at once (slot 0 = none), over the fused
+    projections of every decoder layer. `version` changes whenever buffers are reallocated
+    (captured graphs must then be redone)."""
 
     def __init__(self, model: nn.Module, num_slots: int, device: torch.device, rank: int = 0):
-        dtype = next(model.parameters()).dtype
-        self.rows = RowSlots(device, dtype)
-        self.layers: dict[str, PooledLoraLinear] = {}
+        self.dtype = next(model.parameters()).dtype
+        self.device = device
         self.num_slots = num_slots + 1
+        self.ranks = torch.zeros(self.num_slots, dtype=torch.int32, device=device)
         self.rank = 0
-        targets = [
-            (name, module)
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and ".layers." in name
-        ]
-        for name, module in targets:
-            parent_name, _, attr = name.rpartition(".")
-            wrapped = PooledLoraLinear(module, self.num_slots, self.rows)
-            setattr(model.get_submodule(parent_name), attr, wrapped)
-            self.layers[name] = wrapped
+        self.version = 0
+        self.layers: list[dict[str, LoraGroup]] = []
+        # PEFT module name -> (group, member index)
+        self.targets: dict[str, tuple[LoraGroup, int]] = {}
+        for index, layer in enumerate(model.model.layers):
+            groups = {}
+            for group_name, parent_name, members in _members(layer):
+                parent = getattr(layer, parent_name)
+                prefix = f"model.layers.{index}.{parent_name}."
+                with torch.no_grad():
+                    group = LoraGroup(
+                        [(prefix + m, getattr(parent, m)) for m in members], self.num_slots, self.ranks
+                    )
+                groups[group_name] = group
+                for name, j in group.members.items():
+                    self.targets[name] = (group, j)
+            self.layers.append(groups)
         self.grow_rank(rank)
+
+    def groups(self):
+        return (group for layer in self.layers for group in layer.values())
 
     def grow_rank(self, rank: int) -> None:
         if rank <= self.rank:
             return
-        for layer in self.layers.values():
-            layer.grow_rank(rank)
+        for group in self.groups():
+            group.grow_rank(rank)
         self.rank = rank
-        self.rows.resize(self.num_slots, rank, 1)
-
-    @property
-    def version(self) -> int:
-        return self.rows.version
+        self.version += 1
 
     def write(self, slot: int, adapter: "StagedAdapter | Weights") -> None:
         """Put one adapter into `slot`; other slots are untouched. A StagedAdapter in pinned host
-        memory goes over in one asynchronous copy; on the device the B matrices are transposed
-        in one batch per shape and everything lands in the slot in one batched copy, then the
-        A matrices are scaled in place (a handful of kernels in all)."""
+        memory goes over in one asynchronous copy; on the device each A lands (then is scaled) in
+        its member's rows and each B, transposed, in its member's columns, as a few batched
+        copies."""
         if not isinstance(adapter, StagedAdapter):
-            adapter = stage_weights(adapter, self.rows.dtype)
+            adapter = stage_weights(adapter, self.dtype)
         self.grow_rank(adapter.rank)
-        flat = adapter.flat.to(self.rows.device, non_blocking=True)
-        a_targets, a_sources, scales, zero = [], [], [], []
-        b_by_shape = defaultdict(list)  # (out, rank) -> [(target, B as stored)]
-        for name, layer in self.layers.items():
-            part = adapter.parts.get(name)
-            if part is None:
-                zero += [layer.lora_A[slot], layer.lora_BT[slot]]
-                continue
-            in_features, out_features = layer.base.in_features, layer.base.out_features
-            a_targets.append(layer.lora_A[slot, : part.rank])
-            a_sources.append(
-                flat[part.a_at : part.a_at + part.rank * in_features].view(part.rank, in_features)
-            )
+        unknown = set(adapter.parts) - set(self.targets)
+        if unknown:
+            raise ValueError(f"the adapter targets modules the pool does not hold: {sorted(unknown)[:3]}")
+        flat = adapter.flat.to(self.device, non_blocking=True)
+        R = self.rank
+        groups = list(self.groups())
+        zero = [g.A[slot] for g in groups] + [g.BT[slot] for g in groups]
+        targets, sources, a_targets, scales = [], [], [], []
+        for name, part in adapter.parts.items():
+            group, j = self.targets[name]
+            start, end = group.out_starts[j], group.out_starts[j + 1]
+            A_target = group.A[slot, j * R : j * R + part.rank]
+            a_targets.append(A_target)
             scales.append(part.scale)
-            B = flat[part.b_at : part.b_at + out_features * part.rank].view(out_features, part.rank)
-            b_by_shape[B.shape].append((layer.lora_BT[slot, : part.rank], B))
-            if part.rank < self.rank:
-                zero += [layer.lora_A[slot, part.rank :], layer.lora_BT[slot, part.rank :]]
-        b_targets, b_sources = [], []
-        for pairs in b_by_shape.values():
-            b_targets += [target for target, _ in pairs]
-            b_sources += torch.stack([B for _, B in pairs]).transpose(1, 2).contiguous().unbind()
-        if zero:
-            torch._foreach_zero_(zero)
-        torch._foreach_copy_(a_targets + b_targets, a_sources + b_sources)
+            targets += [A_target, group.BT[slot, : part.rank, start:end]]
+            A = flat[part.a_at : part.a_at + part.rank * group.in_features]
+            B = flat[part.b_at : part.b_at + (end - start) * part.rank]
+            sources += [A.view(part.rank, group.in_features), B.view(end - start, part.rank).t()]
+        torch._foreach_zero_(zero)
+        torch._foreach_copy_(targets, sources)
         torch._foreach_mul_(a_targets, scales)
+        self.ranks[slot] = adapter.rank
 
     def staged_numel(self, rank: int) -> int:
-        """Elements of a staged adapter of `rank` on every wrapped layer (what a loader can
-        allocate before it has seen one)."""
-        return sum(
-            rank * (layer.base.in_features + layer.base.out_features) for layer in self.layers.values()
-        )
+        """Elements of a staged adapter of `rank` on every projection (what a loader can allocate
+        before it has seen one)."""
+        return sum(rank * len(g.members) * g.in_features + rank * g.BT.shape[2] for g in self.groups())
+
+    def slot_bytes(self, rank: int) -> int:
+        """Memory one slot (or one CPU tier entry) takes at `rank`."""
+        return self.staged_numel(rank) * self.dtype.itemsize
 
     def clear(self, slot: int) -> None:
-        for layer in self.layers.values():
-            layer.clear(slot)
+        # Rank 0: the kernels skip the slot; `write` zeroes it before the next adapter lands.
+        self.ranks[slot] = 0
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from app.core.adapter_files import AdapterFileError
 from app.core.artifacts import sha256_file
 from app.core.settings import Settings
+from app.inference.decoder import BatchDecoder
 from app.inference.engine import Engine
 from app.inference.lora import AdapterPool
 from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
 from tests.conftest import link_base_model
-from tests.inference_support import load_adapter_weights, publish_adapter_files, write_peft_adapter
+from tests.inference_support import (
+    load_adapter_weights,
+    prefill_rows,
+    publish_adapter_files,
+    write_peft_adapter,
+)
 
 LONG_PROMPT = "In a small village at the edge of a great forest there lived an old clockmaker who " * 3
 
@@ -62,7 +68,8 @@ async def generate(engine, prompt, ref=None, max_tokens=8, on_token=None):
 
 @pytest.mark.slow
 def test_pooled_lora_equals_peft_mixed_adapter_batch(base_model_dir, tmp_path):
-    """PEFT's adapter_names= mixed batch is the reference for the stacked-pool math."""
+    """PEFT's adapter_names= mixed batch is the reference for the per-row pooled LoRA math: the
+    last position's logits of a prefill over the base and two adapters in one batch."""
     # One adapter as peft itself saves it (all linear layers, rsLoRA), one from the test writer.
     torch.manual_seed(5)
     saved = get_peft_model(
@@ -102,9 +109,10 @@ def test_pooled_lora_equals_peft_mixed_adapter_batch(base_model_dir, tmp_path):
         version = sha256_file(directory / "adapter_model.safetensors")
         (directory / "manifest.json").write_text(json.dumps({"sha256": version}))
         pool.write(slot, load_adapter_weights(AdapterRef(version, directory), base_model_dir))
-    pool.rows.set([0, 1, 2])
+    decoder = BatchDecoder(model, pool, 4, 64, kv_blocks=17)
     with torch.inference_mode():
-        actual = model(input_ids=ids).logits
+        actual, _, _ = prefill_rows(decoder, ids.tolist(), [0, 1, 2])
+    expected = expected[:, -1]
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(actual[0], actual[1], atol=1e-3)
     assert not torch.allclose(actual[1], actual[2], atol=1e-3)

@@ -17,6 +17,7 @@ from app.inference.decoder import BatchDecoder
 from app.inference.families import UnsupportedModel, check_supported
 from app.inference.lora import AdapterPool
 from app.inference.messages import AdapterRef
+from tests.inference_support import prefill_rows
 from tests.model_families_support import (
     CONTEXT,
     FAMILIES,
@@ -28,6 +29,9 @@ from tests.model_families_support import (
     tiny_config,
     transformers_greedy,
 )
+
+# A whole context for each of the 4 rows, and the scratch block.
+KV_BLOCKS = 4 * CONTEXT // 16 + 1
 
 PROMPTS = [
     "The weather today is",
@@ -95,20 +99,21 @@ def test_prefill_logits_equal_transformers(base_dir, tokenizer):
     with torch.inference_mode():
         last = [model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0] for ids in prompts]
         expected = torch.cat(last)
-        decoder = BatchDecoder(model, AdapterPool(model, 1, torch.device("cpu")), 4, CONTEXT)
-        logits, _ = decoder.prefill(0, prompts, [0] * len(prompts))
+        decoder = BatchDecoder(model, AdapterPool(model, 1, torch.device("cpu")), 4, CONTEXT, KV_BLOCKS)
+        logits, _, _ = prefill_rows(decoder, prompts, [0] * len(prompts))
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def greedy_run(decoder: BatchDecoder, prompts: list[list[int]], slots: list[int]):
     """Prefill, then decode NEW_TOKENS - 1 steps, as the engine does: tokens per row and logits per step."""
     # Logits are copied: on CUDA they sit in a graph's output buffer, which its next replay overwrites.
-    logits, greedy = decoder.prefill(0, prompts, slots)
-    tokens, steps = [[t] for t in greedy.tolist()], [logits.clone()]
+    logits, greedy, blocks = prefill_rows(decoder, prompts, slots)
+    tokens, steps = [[t] for t in greedy], [logits.clone()]
     lengths = [len(p) for p in prompts]
     for _ in range(NEW_TOKENS - 1):
-        logits, greedy = decoder.decode([row[-1] for row in tokens], lengths, slots)
-        for row, token in zip(tokens, greedy.tolist(), strict=True):
+        output = decoder.decode([row[-1] for row in tokens], [-1] * len(tokens), lengths, slots, blocks)
+        logits, greedy = output.logits, output.tokens()
+        for row, token in zip(tokens, greedy, strict=True):
             row.append(token)
         lengths = [n + 1 for n in lengths]
         steps.append(logits.clone())
@@ -136,16 +141,17 @@ def test_cuda_graph_replay_equals_the_eager_forward_and_transformers(base_dir, t
                 slot,
                 {
                     name: (
-                        torch.randn(rank, layer.base.in_features, generator=generator) * 0.1,
-                        torch.randn(layer.base.out_features, rank, generator=generator) * 0.1,
+                        torch.randn(rank, group.in_features, generator=generator) * 0.1,
+                        torch.randn(group.out_starts[j + 1] - group.out_starts[j], rank, generator=generator)
+                        * 0.1,
                         2.0,
                     )
-                    for name, layer in pool.layers.items()
+                    for name, (group, j) in pool.targets.items()
                 },
             )
         runs = []
         for graphs in (True, False):
-            decoder = BatchDecoder(model, pool, 4, CONTEXT)
+            decoder = BatchDecoder(model, pool, 4, CONTEXT, KV_BLOCKS)
             decoder.use_graphs = graphs
             decoder.warm_up()
             runs.append(greedy_run(decoder, prompts, slots))
