@@ -19,6 +19,19 @@ class Settings(BaseSettings):
     database_url: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    # Artifact store (app/core/storage.py): empty or file://PATH is the data dir (or PATH);
+    # s3://BUCKET/PREFIX is S3-compatible object storage, at s3_endpoint_url when it is not AWS.
+    # Credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, ...).
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    # An API replica on S3 keeps the adapters it serves on its local disk, by version, up to
+    # both bounds (least recently used out first).
+    adapter_cache_bytes: int = Field(20 * 1024**3, gt=0)
+    adapter_cache_entries: int = Field(256, gt=0)
+    # `tuneforge storage gc` removes unreferenced artifacts only when older than this: longer than
+    # any publish takes from its first upload to its database commit.
+    storage_gc_grace_seconds: float = Field(24 * 3600, ge=0)
+
     # Extra base models: name -> local Hugging Face checkpoint directory (JSON in the environment).
     base_models: dict[str, Path] = Field(default_factory=dict)
     # The base model the inference engine keeps resident (the embedded one or a base_models name).
@@ -70,6 +83,10 @@ class Settings(BaseSettings):
     @property
     def base_models_dir(self) -> Path:
         return self.data_dir / "base_models"
+
+    @property
+    def adapter_cache_dir(self) -> Path:
+        return self.data_dir / "adapter_cache"
 
 
 @lru_cache
