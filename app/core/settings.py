@@ -3,8 +3,9 @@
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BASE_MODEL = "SmolLM2-135M-Instruct"
@@ -59,6 +60,14 @@ class Settings(BaseSettings):
     cpu_adapter_cache: int = 32
     max_batch_size: int = 32
     max_context_tokens: int = 2048
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_scheme(cls, url: str) -> str:
+        parsed = urlparse(url)
+        if url and not (parsed.scheme == "file" or (parsed.scheme == "s3" and parsed.netloc)):
+            raise ValueError(f"{url!r} is neither file://PATH nor s3://BUCKET[/PREFIX]")
+        return url
 
     @property
     def served_base_models(self) -> list[str]:

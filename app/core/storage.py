@@ -307,12 +307,9 @@ class S3Store(ArtifactStore):
 
 
 def open_store(settings: Settings) -> ArtifactStore:
-    url = settings.storage_url
-    if not url:
-        return LocalStore(settings.data_dir)
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return LocalStore(Path(parsed.netloc + parsed.path) if parsed.path else settings.data_dir)
-    if parsed.scheme == "s3" and parsed.netloc:
+    """The store of TUNEFORGE_STORAGE_URL (its scheme checked by Settings)."""
+    parsed = urlparse(settings.storage_url)
+    if parsed.scheme == "s3":
         return S3Store(parsed.netloc, parsed.path, settings.s3_endpoint_url, settings.data_dir)
-    raise ValueError(f"TUNEFORGE_STORAGE_URL={url!r} is neither file://PATH nor s3://BUCKET[/PREFIX]")
+    path = parsed.netloc + parsed.path
+    return LocalStore(Path(path) if path else settings.data_dir)
