@@ -25,9 +25,13 @@ def get_read_session() -> Iterator[Session]:
         yield session
 
 
+def get_store() -> ArtifactStore:
+    """The artifact store of the settings: the data dir, or S3."""
+    return open_store(get_settings())
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
-# The artifact store of the settings (the data dir, or S3).
-StoreDep = Annotated[ArtifactStore, Depends(lambda: open_store(get_settings()))]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 # For routes that only read: on SQLite it never waits for the write lock (see app.core.db).
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 

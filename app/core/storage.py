@@ -10,6 +10,7 @@ the manifest finds the rest; in both cases the row that points at the key is com
 
 import os
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -58,7 +59,7 @@ def _check_key(key: str) -> str:
     return path.as_posix()
 
 
-class ArtifactStore:
+class ArtifactStore(ABC):
     """What both backends share: local temp dirs under `scratch` (the data dir), named like the
     data dir's own temp dirs so that `remove_temps` and the sweep find what a crash left."""
 
@@ -72,45 +73,44 @@ class ArtifactStore:
     def remove_temps(self, under: str) -> None:
         remove_stale_temps(self.scratch / _check_key(under))
 
-    # Backend operations.
+    @abstractmethod
     def publish_dir(self, tmp: Path, prefix: str, *, replace: bool = False) -> None:
         """Publish the files of `tmp` under `prefix`. Content-addressed prefixes (replace False)
         that already exist hold the same bytes and are kept; replace=True drops what was there."""
-        raise NotImplementedError
 
-    def publish_file(self, tmp_file: Path, key: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def publish_file(self, tmp_file: Path, key: str) -> None: ...
 
     def local_path(self, key: str) -> Path | None:
         """The object's own path on this machine (data dir backend), else None."""
         return None
 
+    @abstractmethod
     def fetch_file(self, key: str, near: str) -> Path:
         """A local path holding the object: the data dir's own file, or a download into a temp dir
         next to key `near` (the caller removes it with remove_temps)."""
-        raise NotImplementedError
 
-    def fetch_dir(self, prefix: str, near: str) -> Path:
-        raise NotImplementedError
+    @abstractmethod
+    def fetch_dir(self, prefix: str, near: str) -> Path: ...
 
+    @abstractmethod
     def download_dir(self, prefix: str, dest: Path) -> None:
         """Copy every object under `prefix` into the existing local dir `dest`."""
-        raise NotImplementedError
 
-    def iter_bytes(self, key: str) -> Iterator[bytes]:
-        raise NotImplementedError
+    @abstractmethod
+    def iter_bytes(self, key: str) -> Iterator[bytes]: ...
 
-    def exists(self, key: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
 
-    def delete(self, keys: Iterable[str]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def delete(self, keys: Iterable[str]) -> None: ...
 
-    def delete_prefix(self, prefix: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None: ...
 
-    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
-        raise NotImplementedError
+    @abstractmethod
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]: ...
 
 
 class LocalStore(ArtifactStore):
