@@ -82,10 +82,6 @@ class Settings(BaseSettings):
         return self.data_dir / "files"
 
     @property
-    def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
-
-    @property
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
 
