@@ -60,7 +60,9 @@ def train_noop(job_id: str, hooks: TrainingHooks, resume_from: Path | None) -> T
         step += 1
         hooks.log(f"Step {step}/{steps}: training loss=0.0000", {"step": step, "train_loss": 0.0})
         if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            hooks.save_checkpoint(step, lambda d, s=step: _write_noop_checkpoint(d, job_id, s), {"step": step})
+            hooks.save_checkpoint(
+                step, lambda d, s=step: _write_noop_checkpoint(d, job_id, s), {"step": step}
+            )
     return TrainResult("continue", step, step, lambda d: _write_noop_adapter(d, job_id))
 
 

@@ -129,6 +129,8 @@ def test_two_replicas_and_two_workers_share_only_postgres_and_s3(s3_settings, ba
         for job_id in jobs:
             starts = [e for e in events(job_id) if e.message.startswith("Attempt ")]
             assert len(starts) == 1
+        for name in ("worker-1", "worker-2"):  # training files and checkpoints came and went
+            assert [p for p in dirs[name].rglob("*") if p.is_file()] == [], name
 
         # An adapter imported from yet another host is served by both replicas, each from its cache.
         adapter = write_peft_adapter(tmp_path / "peft", base_model_dir, seed=7)
