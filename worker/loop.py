@@ -30,6 +30,7 @@ from app.core.base_models import UnknownBaseModel, resolve_base_model
 from app.core.db import make_engine
 from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import Settings
+from app.core.storage import ArtifactStore, open_store
 from app.models import File, Job, JobEvent, JobStatus, now
 from worker import faults, store
 from worker.errors import JobLost, UserError
@@ -195,8 +196,8 @@ class Lease:
 class JobHooks:
     """TrainingHooks for one claimed attempt: control from the lease, writes through the fence."""
 
-    def __init__(self, settings: Settings, job: ClaimedJob, fence: Fence, lease: Lease):
-        self.settings, self.job, self.fence, self.lease = settings, job, fence, lease
+    def __init__(self, settings: Settings, store: ArtifactStore, job: ClaimedJob, fence: Fence, lease: Lease):
+        self.settings, self.store, self.job, self.fence, self.lease = settings, store, job, fence, lease
         self.claimed_at = job.claimed_at
 
     def control(self) -> Control:
@@ -211,11 +212,23 @@ class JobHooks:
         self.job = dataclasses.replace(self.job, hyperparameters=hyperparameters)
 
     def save_checkpoint(self, step: int, write, metrics: dict) -> None:
-        store.save_checkpoint(self.settings, self.fence, self.job, step, write, metrics)
+        store.save_checkpoint(
+            self.store, self.fence, self.job, step, write, metrics, self.settings.keep_checkpoints
+        )
+
+
+def _training_file(artifacts: ArtifactStore, job: ClaimedJob, file_id: str) -> Path:
+    """The file on this machine: the data dir's own, or a download into the job's temp dirs."""
+    return artifacts.fetch_file(f"files/{file_id}.jsonl", near=f"{store.job_key(job.id)}/input")
 
 
 def _train(
-    settings: Settings, job: ClaimedJob, hooks: JobHooks, resident: ResidentBase, resume_from: Path | None
+    settings: Settings,
+    artifacts: ArtifactStore,
+    job: ClaimedJob,
+    hooks: JobHooks,
+    resident: ResidentBase,
+    resume_from: Path | None,
 ) -> TrainResult:
     if faults.noop_recipe_enabled():
         return faults.train_noop(job.id, hooks, resume_from)
@@ -239,8 +252,8 @@ def _train(
     config = pipeline.JobConfig.from_job(
         job.hyperparameters,
         base_model_dir=base_model_dir,
-        training_file=settings.files_dir / f"{job.training_file}.jsonl",
-        validation_file=settings.files_dir / f"{job.validation_file}.jsonl" if job.validation_file else None,
+        training_file=_training_file(artifacts, job, job.training_file),
+        validation_file=_training_file(artifacts, job, job.validation_file) if job.validation_file else None,
         seed=job.seed,
         device=pipeline.resolve_device(settings.device),
         checkpoint_every_steps=settings.checkpoint_every_steps,
@@ -257,19 +270,20 @@ def run_job(
     resident: ResidentBase,
 ) -> None:
     fence = Fence(sessions, job.id, job.attempt)
-    store.remove_job_temps(settings, job.id)
+    artifacts = open_store(settings)
+    store.remove_job_temps(artifacts, job.id)
     try:
         with Lease(fence, settings, shutdown) as lease:
             faults.maybe_fail_infra(job.infra_failures)
             with sessions() as session:
-                checkpoint = store.latest_checkpoint(session, settings, job.id)
-            resume_from = settings.data_dir / checkpoint.path if checkpoint else None
-            hooks = JobHooks(settings, job, fence, lease)
-            result = _train(settings, job, hooks, resident, resume_from)
+                checkpoint = store.latest_checkpoint(session, artifacts, job.id)
+            resume_from = store.fetch_checkpoint(artifacts, checkpoint) if checkpoint else None
+            hooks = JobHooks(settings, artifacts, job, fence, lease)
+            result = _train(settings, artifacts, job, hooks, resident, resume_from)
             lease.control()  # raises JobLost if the job was cancelled during the last step
             if result.outcome == "continue":
                 # hooks.job: with "auto" hyperparameters resolved, as the manifest should record them
-                store.publish_adapter(settings, fence, hooks.job, result.save_adapter, result.trained_tokens)
+                store.publish_adapter(artifacts, fence, hooks.job, result.save_adapter, result.trained_tokens)
             elif result.outcome == "pause":
                 fence.event(
                     f"Job paused at step {result.step}",
@@ -299,7 +313,7 @@ def run_job(
     finally:
         result = None
         resident.end_job()  # first: a failing store below must not leave the LoRA on the base
-        store.remove_job_temps(settings, job.id)
+        store.remove_job_temps(artifacts, job.id)
         gc.collect()
         if "torch" in sys.modules:
             from worker.pipeline import release_memory

@@ -1,9 +1,9 @@
-"""Checkpoints and published adapters on the artifact store.
+"""Checkpoints and published adapters on the artifact store (app/core/storage.py).
 
-Each is written into a temp dir on the same filesystem as its final place (next to it; in the job's
-dir for an adapter, whose place is named by its hash), fsynced, and renamed inside a fenced
-transaction that also inserts its rows: the rename happens only while this attempt owns the job,
-and a crash before the commit leaves no row (and at most a complete, unreferenced directory).
+Each is written into a local temp dir, given its manifest, and published (renamed on the data dir;
+uploaded, manifests last, on S3) inside a fenced transaction that also inserts its rows: it is
+published only while this attempt owns the job, and a crash before the commit leaves no row (and
+at most unreferenced objects, which `tuneforge storage gc` sweeps).
 """
 
 import shutil
@@ -14,56 +14,62 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.core.artifacts import publish_dir, remove_stale_temps, temp_sibling, write_manifest
-from app.core.settings import Settings
+from app.core.artifacts import write_manifest
+from app.core.storage import ArtifactStore
 from app.models import Checkpoint, JobEvent, JobStatus, Model, checkpoint_model_id, now
 from worker import faults
 from worker.fence import Fence
 
 
-def job_dir(settings: Settings, job_id: str) -> Path:
-    return settings.jobs_dir / job_id
+def job_key(job_id: str) -> str:
+    return f"jobs/{job_id}"
 
 
-def checkpoints_dir(settings: Settings, job_id: str) -> Path:
-    return job_dir(settings, job_id) / "checkpoints"
+def checkpoint_key(job_id: str, step: int) -> str:
+    return f"{job_key(job_id)}/checkpoints/step-{step}"
 
 
-def remove_job_temps(settings: Settings, job_id: str) -> None:
+def remove_job_temps(store: ArtifactStore, job_id: str) -> None:
     """Temp dirs of this job are only written by its lease holder, so the holder may drop them."""
-    remove_stale_temps(job_dir(settings, job_id))
-    remove_stale_temps(checkpoints_dir(settings, job_id))
+    store.remove_temps(job_key(job_id))
+    store.remove_temps(f"{job_key(job_id)}/checkpoints")
 
 
-def latest_checkpoint(session, settings: Settings, job_id: str) -> Checkpoint | None:
+def latest_checkpoint(session, store: ArtifactStore, job_id: str) -> Checkpoint | None:
     row = session.scalar(
         select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc()).limit(1)
     )
-    if row is not None and (settings.data_dir / row.path / "state").is_dir():
+    # The manifest is published last: with it, the whole checkpoint is there.
+    if row is not None and store.exists(f"{row.path}/adapter/manifest.json"):
         return row
     return None
 
 
+def fetch_checkpoint(store: ArtifactStore, checkpoint: Checkpoint) -> Path:
+    """A local dir with the checkpoint (a download into the job's temp dirs on S3)."""
+    return store.fetch_dir(checkpoint.path, near=f"{job_key(checkpoint.job_id)}/resume")
+
+
 @contextmanager
 def _publishing(
-    settings: Settings,
+    store: ArtifactStore,
     fence: Fence,
     job,
     write: Callable[[Path], None],
     *,
     model_id: str,
     kind: str,
-    final: Path | None,
+    final: str | None,
     adapter_dir: str = "",
     manifest: dict | None = None,
     job_values: dict | None = None,
 ) -> Iterator[tuple[Session, str]]:
     """Publish a model version of `job` under `model_id`: `write` fills a temp dir, the adapter in
-    it (at `adapter_dir`) gets its manifest, then one fenced transaction renames the dir to `final`,
-    writes `job_values` to the job and inserts the Model row and whatever the caller adds in its
-    `with` block. `final` None means adapters/<version>/: content-addressed, so a directory already
+    it (at `adapter_dir`) gets its manifest, then one fenced transaction publishes the dir at key
+    `final`, writes `job_values` to the job and inserts the Model row and whatever the caller adds in
+    its `with` block. `final` None means adapters/<version>/: content-addressed, so what is already
     there holds the same weights and may be another model's. Yields (session, version)."""
-    tmp = temp_sibling(final or job_dir(settings, job.id) / "publish")
+    tmp = store.temp_dir(final or f"{job_key(job.id)}/publish")
     try:
         write(tmp)
         version = write_manifest(
@@ -73,13 +79,11 @@ def _publishing(
             job_id=job.id,
             **(manifest or {}),
         )
-        target = final or settings.adapters_dir / version
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = final or f"adapters/{version}"
         faults.crash_point("publish_before_rename")
         with fence.transaction(**(job_values or {})) as session:
-            if final is not None and final.exists():  # renamed by an attempt that crashed before its commit
-                shutil.rmtree(final)
-            publish_dir(tmp, target)
+            # A checkpoint's key may hold what an attempt that crashed before its commit published.
+            store.publish_dir(tmp, target, replace=final is not None)
             faults.crash_point("publish_before_commit")
             session.add(
                 Model(
@@ -88,7 +92,7 @@ def _publishing(
                     base_model=job.model,
                     kind=kind,
                     version=version,
-                    path=(target / adapter_dir).relative_to(settings.data_dir).as_posix(),
+                    path=f"{target}/{adapter_dir}" if adapter_dir else target,
                     job_id=job.id,
                 )
             )
@@ -98,14 +102,20 @@ def _publishing(
 
 
 def save_checkpoint(
-    settings: Settings, fence: Fence, job, step: int, write: Callable[[Path], None], metrics: dict
+    store: ArtifactStore,
+    fence: Fence,
+    job,
+    step: int,
+    write: Callable[[Path], None],
+    metrics: dict,
+    keep_checkpoints: int,
 ) -> None:
     """jobs/<job>/checkpoints/step-<N>/ with adapter/ and state/; rows for the checkpoint and its
-    servable model id; older checkpoints beyond settings.keep_checkpoints are pruned."""
-    final = checkpoints_dir(settings, job.id) / f"step-{step}"
+    servable model id; older checkpoints beyond `keep_checkpoints` are pruned."""
+    final = checkpoint_key(job.id, step)
     model_id = checkpoint_model_id(job.output_model, step)
     with _publishing(
-        settings,
+        store,
         fence,
         job,
         write,
@@ -115,8 +125,7 @@ def save_checkpoint(
         adapter_dir="adapter",
         manifest={"step": step},
     ) as (session, _version):
-        relative = final.relative_to(settings.data_dir).as_posix()
-        session.add(Checkpoint(job_id=job.id, step=step, path=relative, metrics=metrics))
+        session.add(Checkpoint(job_id=job.id, step=step, path=final, metrics=metrics))
         session.add(
             JobEvent(
                 job_id=job.id,
@@ -128,9 +137,9 @@ def save_checkpoint(
             select(Checkpoint)
             .where(Checkpoint.job_id == job.id)
             .order_by(Checkpoint.step.desc())
-            .offset(settings.keep_checkpoints)
+            .offset(keep_checkpoints)
         ).all()
-        stale_paths = [settings.data_dir / c.path for c in stale]
+        stale_keys = [c.path for c in stale]
         if stale:
             session.execute(
                 delete(Model).where(
@@ -138,12 +147,12 @@ def save_checkpoint(
                 )
             )
             session.execute(delete(Checkpoint).where(Checkpoint.id.in_([c.id for c in stale])))
-    for path in stale_paths:
-        shutil.rmtree(path, ignore_errors=True)
+    for key in stale_keys:
+        store.delete_prefix(key)
 
 
 def publish_adapter(
-    settings: Settings, fence: Fence, job, save_adapter: Callable[[Path], None], trained_tokens: int
+    store: ArtifactStore, fence: Fence, job, save_adapter: Callable[[Path], None], trained_tokens: int
 ) -> str:
     """adapters/<sha256>/ (adapter_config.json, adapter_model.safetensors, manifest.json), then the
     job's success and its Model row, all in one fenced transaction. Returns the version."""
@@ -155,7 +164,7 @@ def publish_adapter(
         "lease_expires_at": None,
     }
     with _publishing(
-        settings,
+        store,
         fence,
         job,
         save_adapter,

@@ -9,6 +9,8 @@ from sqlalchemy.orm import Session
 
 from app.core.db import get_read_sessionmaker, get_sessionmaker
 from app.core.errors import Unauthorized
+from app.core.settings import get_settings
+from app.core.storage import ArtifactStore, open_store
 from app.models import Tenant
 from app.services.keys import lookup_tenant
 
@@ -23,7 +25,13 @@ def get_read_session() -> Iterator[Session]:
         yield session
 
 
+def get_store() -> ArtifactStore:
+    """The artifact store of the settings: the data dir, or S3."""
+    return open_store(get_settings())
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 # For routes that only read: on SQLite it never waits for the write lock (see app.core.db).
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 

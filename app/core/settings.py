@@ -3,6 +3,7 @@
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,19 @@ class Settings(BaseSettings):
     port: int = 8000
     database_url: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Artifact store (app/core/storage.py): empty or file://PATH is the data dir (or PATH);
+    # s3://BUCKET/PREFIX is S3-compatible object storage, at s3_endpoint_url when it is not AWS.
+    # Credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, ...).
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    # An API replica on S3 keeps the adapters it serves on its local disk, by version, up to
+    # both bounds (least recently used out first).
+    adapter_cache_bytes: int = Field(20 * 1024**3, gt=0)
+    adapter_cache_entries: int = Field(256, gt=0)
+    # `tuneforge storage gc` removes unreferenced artifacts only when older than this: longer than
+    # any publish takes from its first upload to its database commit.
+    storage_gc_grace_seconds: float = Field(24 * 3600, ge=0)
 
     # Extra base models: name -> local Hugging Face checkpoint directory (JSON in the environment).
     base_models: dict[str, Path] = Field(default_factory=dict)
@@ -57,6 +71,14 @@ class Settings(BaseSettings):
     max_batch_size: int = 32
     max_context_tokens: int = 2048
 
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_scheme(cls, url: str) -> str:
+        parsed = urlparse(url)
+        if url and not (parsed.scheme == "file" or (parsed.scheme == "s3" and parsed.netloc)):
+            raise ValueError(f"{url!r} is neither file://PATH nor s3://BUCKET[/PREFIX]")
+        return url
+
     @field_validator("worker_gpus")
     @classmethod
     def _device_list(cls, value: str | None) -> str | None:
@@ -82,16 +104,16 @@ class Settings(BaseSettings):
         return self.data_dir / "files"
 
     @property
-    def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
-
-    @property
     def adapters_dir(self) -> Path:
         return self.data_dir / "adapters"
 
     @property
     def base_models_dir(self) -> Path:
         return self.data_dir / "base_models"
+
+    @property
+    def adapter_cache_dir(self) -> Path:
+        return self.data_dir / "adapter_cache"
 
 
 @lru_cache

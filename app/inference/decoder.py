@@ -70,21 +70,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((rotated * cos + _rotate_half(rotated) * sin, rest), dim=-1)
 
 
-@dataclass
-class StepOutput:
-    """A launched forward: its greedy tokens arrive in pinned host memory behind it (`tokens()`
-    waits for them); its logits stay on the device until the same bucket runs again."""
-
-    logits: torch.Tensor
-    host: torch.Tensor
-    event: object  # a CUDA event recorded after the copy; None on the CPU
-
-    def tokens(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
-
-
 @dataclass(frozen=True)
 class Chunk:
     """Prompt tokens of one sequence to prefill: `tokens` at positions start.., into `blocks`."""
@@ -159,17 +144,11 @@ class BatchDecoder:
         alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         self.k = [alloc(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v = [alloc(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        # Static inputs of the decode step, per row: a token given by the host, where else its token
-        # is (an index into last_tokens, or -1: the host's), position, pool slot; and block tables.
-        self.inputs = torch.zeros(4, self.max_rows, dtype=torch.long, device=self.device)
+        # Static inputs of the decode step (rows past the batch stay zero: the scratch block).
+        self.tokens = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+        self.slots = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
         self.tables = torch.zeros(self.max_rows, self.max_blocks, dtype=torch.int32, device=self.device)
-        # The greedy tokens of the last decode step (rows 0..) and the last prefill (max_rows..):
-        # the next step reads its rows' tokens from here, so it can be launched before the host
-        # has seen them.
-        self.last_tokens = torch.zeros(2 * self.max_rows, dtype=torch.long, device=self.device)
-        pinned = self.device.type == "cuda"
-        self._host_out = [torch.zeros(self.max_rows, dtype=torch.long, pin_memory=pinned) for _ in range(4)]
-        self._launches = 0
         self.use_graphs = self.device.type == "cuda"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_version = None
@@ -187,7 +166,7 @@ class BatchDecoder:
             width = MIN_KEY_BLOCKS
             while True:
                 position = min(width, self.max_blocks) * BLOCK_SIZE - 1
-                self.decode([0] * batch, [-1] * batch, [position] * batch, [0] * batch, [scratch] * batch)
+                self.decode([0] * batch, [position] * batch, [0] * batch, [scratch] * batch)
                 if width >= self.max_blocks:
                     break
                 width *= 2
@@ -264,11 +243,10 @@ class BatchDecoder:
 
     # --- prefill ---
 
-    def prefill(self, chunks: list[Chunk]) -> "StepOutput":
-        """Launch the writing of the chunks' keys and values into their blocks; the result holds the
-        logits and greedy token of each chunk's last position (the tokens also in last_tokens from
-        max_rows on). The batch is padded to a power of two, the chunk length to a power of two (at
-        least 16) and the keys to a power of two of blocks."""
+    def prefill(self, chunks: list[Chunk]):
+        """Write the chunks' keys and values into their blocks and return (logits, greedy tokens)
+        of each chunk's last position. The batch is padded to a power of two, the chunk length to
+        a power of two (at least 16) and the keys to a power of two of blocks."""
         n = len(chunks)
         batch = _pow2(n)
         length = max(16, _pow2(max(len(c.tokens) for c in chunks)))
@@ -297,7 +275,7 @@ class BatchDecoder:
         inputs[4].copy_(tables, non_blocking=True)
         graph = batch * length <= PREFILL_GRAPH_TOKENS
         logits, greedy = self._run(("prefill", *key), lambda: self._prefill_static(*inputs), graph)
-        return self._output(logits[:n], greedy[:n])
+        return logits[:n], greedy[:n]
 
     def _prefill_static(self, tokens, start, count, slots, tables):
         batch, length = tokens.shape
@@ -322,49 +300,37 @@ class BatchDecoder:
             attend,
         )
         last = self.arange[:batch] * length + (count - 1).clamp(min=0)
-        logits, greedy = self._head(x[last], pending[last])
-        self.last_tokens[self.max_rows : self.max_rows + batch].copy_(greedy)
-        return logits, greedy
+        return self._head(x[last], pending[last])
 
     # --- decode ---
 
-    def decode(self, tokens: list[int], sources: list[int], positions: list[int], slots: list[int], tables):
-        """Launch one step for rows 0..n-1: row i's input token is last_tokens[sources[i]] (a token
-        of the previous decode step or prefill, still on the device) or, where sources[i] is -1,
-        tokens[i]; it sits at position positions[i] of the row, whose blocks are tables[i]."""
+    def decode(self, tokens: list[int], positions: list[int], slots: list[int], tables):
+        """One step for rows 0..n-1: token i sits at position positions[i] of row i, whose blocks
+        are tables[i] (a sequence of block ids, or an (n, max_blocks) int32 array). Returns
+        (logits, greedy tokens) for the n rows."""
         n = len(tokens)
         batch = _pow2(n)
-        inputs = torch.zeros(4, batch, dtype=torch.long)
-        inputs[1] = -1
-        inputs[:, :n] = torch.tensor([tokens, sources, positions, slots])
-        self.inputs[:, :batch].copy_(inputs, non_blocking=True)
+        pad = [0] * (batch - n)
+        self.tokens[:batch].copy_(torch.tensor(tokens + pad), non_blocking=True)
+        self.positions[:batch].copy_(torch.tensor(positions + pad), non_blocking=True)
+        self.slots[:batch].copy_(torch.tensor(slots + pad), non_blocking=True)
         host = torch.zeros(batch, self.max_blocks, dtype=torch.int32)
-        for row, blocks in enumerate(tables):
-            host[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        if isinstance(tables, torch.Tensor):
+            host[:n] = tables[:n]
+        else:
+            for row, blocks in enumerate(tables):
+                host[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.tables[:batch].copy_(host, non_blocking=True)
         width = self._width(max(positions) + 1)
         logits, greedy = self._run(("decode", batch, width), lambda: self._decode_static(batch, width))
-        return self._output(logits[:n], greedy[:n])
-
-    def _output(self, logits, greedy) -> "StepOutput":
-        """The greedy tokens on their way to pinned host memory, behind the launched work."""
-        host = self._host_out[self._launches % len(self._host_out)][: len(greedy)]
-        self._launches += 1
-        host.copy_(greedy, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return StepOutput(logits, host, event)
+        return logits[:n], greedy[:n]
 
     def _width(self, keys: int) -> int:
         """Block-table width (blocks) that attention reads for rows of up to `keys` keys."""
         return min(max(MIN_KEY_BLOCKS, _pow2(blocks_for(keys))), self.max_blocks)
 
     def _decode_static(self, batch: int, width: int):
-        given, sources, positions, slots = self.inputs[:, :batch]
-        tokens = torch.where(sources >= 0, self.last_tokens[sources.clamp(min=0)], given)
-        tables = self.tables[:batch, :width]
+        positions, tables = self.positions[:batch], self.tables[:batch, :width]
         lengths = (positions + 1).int()
         cache_slots = self._cache_slots(tables, positions[:, None])[:, 0]
 
@@ -374,10 +340,8 @@ class BatchDecoder:
             )
             return o.reshape(batch, -1)
 
-        x, pending = self._forward(tokens, positions, slots, cache_slots, attend)
-        logits, greedy = self._head(x, pending)
-        self.last_tokens[:batch].copy_(greedy)
-        return logits, greedy
+        x, pending = self._forward(self.tokens[:batch], positions, self.slots[:batch], cache_slots, attend)
+        return self._head(x, pending)
 
     # --- CUDA graphs ---
 

@@ -42,7 +42,7 @@ from app.core.metrics import (
 )
 from app.core.settings import Settings
 from app.inference.adapters import AdapterLoader, AdapterTiers, reserve_pinned_memory
-from app.inference.decoder import BatchDecoder, Chunk, StepOutput, kv_bytes_per_token
+from app.inference.decoder import BatchDecoder, Chunk, kv_bytes_per_token
 from app.inference.lora import AdapterPool, slot_bytes
 from app.inference.messages import Completion, EngineStopped, Failure, GenerationRequest, TextDelta
 from app.inference.paged_attention import BLOCK_SIZE, blocks_for
@@ -109,18 +109,6 @@ class Sequence:
     prefilled: int = 0
     context: list[int] = field(default_factory=list)
     admitted: int = 0  # admission order: the latest gives its blocks up first
-    launched: int = 0  # tokens launched (taken in or in flight)
-    # Where its next input token is: an index into the decoder's last_tokens, or -1: generated[-1].
-    source: int = -1
-    done: bool = False  # finished or cancelled; its blocks and slot go back before the next step
-
-
-@dataclass
-class Step:
-    """A launched forward and which sequence's token each of its rows holds."""
-
-    output: StepOutput
-    rows: list[tuple[Sequence, int]]
 
 
 class BlockAllocator:
@@ -166,8 +154,6 @@ class Engine:
         self.running: list[Sequence] = []
         # Admitted, prompt not yet all in the cache (failed with the batch if a forward pass raises).
         self.prefilling: list[Sequence] = []
-        # Steps launched, whose tokens the host has not taken in yet (launch order).
-        self.inflight: list[Step] = []
         self._admissions = 0
         # Events for the handlers, sent to their event loops together by `_send_events`.
         self.outbox: list[tuple[ResultStream, object]] = []
@@ -247,6 +233,7 @@ class Engine:
             self.settings.prefill_chunk_tokens,
         )
         self.blocks = BlockAllocator(self.decoder.num_blocks)
+        self.table = torch.zeros(self.decoder.max_rows, self.decoder.max_blocks, dtype=torch.int32)
         with torch.inference_mode():
             self.decoder.warm_up()
         eos = self.model.generation_config.eos_token_id
@@ -319,30 +306,23 @@ class Engine:
                     stream.cancelled = True
 
     def _turn(self) -> None:
-        """Launch this turn's decode step and prefill chunk, then take in the tokens of the previous
-        turn's while the GPU runs them: greedy rows read their next input token on the device, so
-        the host's work per token (text, stop strings, events) overlaps the next step. Sampled rows
-        need their token from the host first: with one in flight, the turn waits for it."""
         self._wake.clear()
         self._drain_commands()
         for version, error in self.tiers.finished_loads():
             if error is not None:
                 self._fail_waiting_for(version, error)
         admitted = self._admit()
-        self._drop_finished()
-        if any(not seq.request.params.greedy for step in self.inflight for seq, _ in step.rows):
-            self._take_inflight()
+        if self.prefilling:
+            self._prefill_chunks()
+            self._send_events()  # first tokens out before the decode step
+        self._drop_cancelled()
         INFERENCE_WAITING.set(len(self.waiting))
         INFERENCE_RUNNING.set(len(self.running))
-        launched = []
-        if self.running and self._grow_blocks():
-            launched.append(self._launch_decode())
-        if self.prefilling:
-            launched.append(self._launch_prefill())
-        taken = bool(self.inflight)
-        self._take_inflight()
-        self.inflight = [step for step in launched if step is not None]
-        if not (self.inflight or taken or admitted):
+        if self.running:
+            self._grow_blocks()
+        if self.running:
+            self._decode_step()
+        elif not admitted and not self.prefilling:
             self._wake.wait(timeout=1.0)
 
     def _drain_commands(self) -> None:
@@ -387,10 +367,10 @@ class Engine:
         self.waiting = [s for s in self.waiting if id(s) not in taken]
         return admitted
 
-    def _launch_prefill(self) -> "Step":
+    def _prefill_chunks(self) -> None:
         """One prefill forward over the next chunks of the admitted prompts, within the decoder's
-        prefill_tokens (padded); sequences whose context is then all in the cache join the running
-        batch, their first token (still on the device) the input of their first decode step."""
+        prefill_tokens (padded); sequences whose context is then all in the cache join the running batch
+        (rows n.., in order)."""
         budget = self.decoder.prefill_tokens
         batch: list[tuple[Sequence, Chunk]] = []
         longest = 0
@@ -402,98 +382,89 @@ class Engine:
             longest = max(longest, take)
             tokens = seq.context[seq.prefilled : seq.prefilled + take]
             batch.append((seq, Chunk(tokens, seq.prefilled, seq.slot, seq.blocks)))
-        output = self.decoder.prefill([chunk for _, chunk in batch])
-        rows = []
+        logits, greedy = self.decoder.prefill([chunk for _, chunk in batch])
+        greedy = greedy.tolist()
+        now = time.monotonic()
         for i, (seq, chunk) in enumerate(batch):
             seq.prefilled += len(chunk.tokens)
             if seq.prefilled < len(seq.context):
                 continue
             self.prefilling.remove(seq)
-            self.running.append(seq)
             seq.length = len(seq.context)
             if seq.generated:
                 # Resumed after preemption: its next input is the last token it generated.
-                seq.source = -1
+                self._append_row(seq)
                 continue
-            seq.launched, seq.source = 1, self.decoder.max_rows + i
-            rows.append((seq, i))
-        return Step(output, rows)
+            seq.generator = make_generator(seq.request.params)
+            seq.tracker = TextTracker(seq.request.params.stop)
+            seq.detokenizer = Detokenizer(self.tokenizer)
+            seq.token_counter = TOKENS_GENERATED.labels(seq.request.model)
+            TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(now - seq.submitted_at)
+            if self._accept_token(seq, logits[i], greedy[i]):
+                self._release(seq)
+            else:
+                self._append_row(seq)
 
-    def _grow_blocks(self) -> bool:
-        """A block for every row of the next step whose token starts one; when none is free, the
-        latest admitted sequence gives its blocks up (preempted) until the rest fit. False when no
-        row is left to step."""
-        for seq in self._decoding():
-            while not seq.done and seq in self.running and seq.length >= len(seq.blocks) * BLOCK_SIZE:
-                taken = self.blocks.take(1)
-                if taken is not None:
-                    seq.blocks += taken
-                    continue
-                # Its tokens so far must be known before a sequence can start over with them.
-                self._take_inflight()
-                self._drop_finished()
+    def _append_row(self, seq: Sequence) -> None:
+        row = len(self.running)
+        self.running.append(seq)
+        self.table[row].zero_()
+        self.table[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+
+    def _grow_blocks(self) -> None:
+        """A block for every running row whose next token starts one; when none is free, the
+        latest admitted sequence gives its blocks up (preempted) until the rest fit."""
+        row = 0
+        while row < len(self.running):
+            seq = self.running[row]
+            if seq.length < len(seq.blocks) * BLOCK_SIZE:
+                row += 1
+                continue
+            taken = self.blocks.take(1)
+            if taken is None:
                 victim = max([*self.running, *self.prefilling], key=lambda s: s.admitted)
+                victim_row = self.running.index(victim) if victim in self.running else None
                 self._preempt(victim)
-        return bool(self._decoding())
-
-    def _decoding(self) -> list[Sequence]:
-        """The running sequences that take part in the next decode step."""
-        return [s for s in self.running if not s.done and s.launched < s.request.params.max_new_tokens]
+                if victim_row is not None and victim_row < row:
+                    row -= 1
+                continue
+            self.table[row, len(seq.blocks)] = taken[0]
+            seq.blocks.append(taken[0])
+            row += 1
 
     def _preempt(self, seq: Sequence) -> None:
         """Give the sequence's blocks and slot up; it waits, first in line, to be prefilled again
         with what it generated so far, then goes on where it stopped."""
-        (self.running if seq in self.running else self.prefilling).remove(seq)
-        self._release(seq)
+        if seq in self.running:
+            self._remove_rows([self.running.index(seq)])
+        else:
+            self.prefilling.remove(seq)
+            self._release(seq)
         if seq.generated:
             seq.context = seq.request.prompt_ids + seq.generated[:-1]
         seq.prefilled = 0
         self.waiting.insert(0, seq)
         INFERENCE_PREEMPTIONS.inc()
 
-    def _launch_decode(self) -> "Step":
-        batch = self._decoding()
-        tokens = [s.generated[-1] if s.source < 0 else 0 for s in batch]
-        output = self.decoder.decode(
-            tokens,
-            [s.source for s in batch],
-            [s.length for s in batch],
-            [s.slot for s in batch],
-            [s.blocks for s in batch],
+    def _decode_step(self) -> None:
+        logits, greedy = self.decoder.decode(
+            [s.generated[-1] for s in self.running],
+            [s.length for s in self.running],
+            [s.slot for s in self.running],
+            self.table,
         )
-        for row, seq in enumerate(batch):
+        greedy = greedy.tolist()
+        finished = []
+        for row, seq in enumerate(self.running):
             seq.length += 1
-            seq.launched += 1
-            seq.source = row
-        return Step(output, list(zip(batch, range(len(batch)), strict=True)))
+            if self._accept_token(seq, logits[row], greedy[row]):
+                finished.append(row)
+        self._remove_rows(finished)
 
-    def _take_inflight(self) -> None:
-        """Take in the tokens of the launched steps, in launch order (waiting for the GPU)."""
-        steps, self.inflight = self.inflight, []
-        for step in steps:
-            greedy = step.output.tokens()
-            now = time.monotonic()
-            for seq, row in step.rows:
-                if seq.done:  # cancelled, or finished by an earlier token
-                    continue
-                params = seq.request.params
-                if seq.tracker is None:  # its first token
-                    seq.generator = make_generator(params)
-                    seq.tracker = TextTracker(params.stop)
-                    seq.detokenizer = Detokenizer(self.tokenizer)
-                    seq.token_counter = TOKENS_GENERATED.labels(seq.request.model)
-                    TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(now - seq.submitted_at)
-                token = greedy[row]
-                if not params.greedy:
-                    token = sample_token(step.output.logits[row], params, seq.generator)
-                    seq.source = -1  # the device holds the argmax, not this token
-                if self._accept_token(seq, token):
-                    seq.done = True
-        self._send_events()
-
-    def _accept_token(self, seq: Sequence, token: int) -> bool:
-        """Record one generated token and send its text; True when the sequence is finished."""
+    def _accept_token(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> bool:
+        """Record one sampled token and send its text; True when the sequence is finished."""
         params = seq.request.params
+        token = greedy if params.greedy else sample_token(logits, params, seq.generator)
         seq.generated.append(token)
         is_eos = token in self.eos_ids
         finished = is_eos or len(seq.generated) >= params.max_new_tokens
@@ -512,17 +483,26 @@ class Engine:
         self._finish_metrics(seq, "completed")
         return True
 
-    def _drop_finished(self) -> None:
-        """Give back the blocks and slots of finished and cancelled sequences (a step in flight
-        that still writes to those blocks runs before any later step that reuses them)."""
-        for seq in [*self.running, *self.prefilling]:
-            if seq.stream.cancelled and not seq.done:
-                seq.done = True
-                self._finish_metrics(seq, "cancelled")
-        for group in (self.running, self.prefilling):
-            for seq in [s for s in group if s.done]:
-                group.remove(seq)
-                self._release(seq)
+    def _remove_rows(self, rows: list[int]) -> None:
+        """Take rows out of the batch (their blocks and slots given back); the rest close up."""
+        if not rows:
+            return
+        for row in rows:
+            self._release(self.running[row])
+        gone = set(rows)
+        keep = [i for i in range(len(self.running)) if i not in gone]
+        self.running = [self.running[i] for i in keep]
+        self.table[: len(keep)] = self.table[keep].clone()
+
+    def _drop_cancelled(self) -> None:
+        rows = [i for i, s in enumerate(self.running) if s.stream.cancelled]
+        for row in rows:
+            self._finish_metrics(self.running[row], "cancelled")
+        self._remove_rows(rows)
+        for seq in [s for s in self.prefilling if s.stream.cancelled]:
+            self.prefilling.remove(seq)
+            self._release(seq)
+            self._finish_metrics(seq, "cancelled")
 
     def _release(self, seq: Sequence) -> None:
         self.tiers.release(seq.slot)
@@ -540,9 +520,9 @@ class Engine:
         self.waiting = keep
 
     def _fail_all(self, error: Exception) -> None:
-        self.inflight = []
         for seq in [*self.running, *self.prefilling]:
             self._release(seq)
+        self.table.zero_()
         for seq in [*self.running, *self.prefilling, *self.waiting]:
             self._emit(seq, Failure(error))
             self._finish_metrics(seq, "failed")

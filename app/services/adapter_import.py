@@ -8,8 +8,8 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from app.core.adapter_files import ADAPTER_FILES, AdapterFileError, check_adapter_dir
-from app.core.artifacts import WEIGHTS_FILE, publish_dir, sha256_file, temp_sibling, write_manifest
-from app.core.settings import Settings
+from app.core.artifacts import WEIGHTS_FILE, sha256_file, write_manifest
+from app.core.storage import ArtifactStore
 from app.models import Model
 
 # peft's save_pretrained writes a model card too; it is left behind, never copied.
@@ -18,7 +18,7 @@ IGNORED_FILES = ("README.md",)
 
 def import_adapter(
     session: Session,
-    settings: Settings,
+    store: ArtifactStore,
     tenant_id: str,
     tenant_name: str,
     name: str,
@@ -40,25 +40,24 @@ def import_adapter(
     if session.get(Model, model_id) is not None:
         raise AdapterFileError(f"the model {model_id} already exists; delete it first")
     version = sha256_file(source / WEIGHTS_FILE)
-    final = settings.adapters_dir / version
-    if not final.exists():
-        tmp = temp_sibling(final)
-        try:
-            for file in ADAPTER_FILES:
-                shutil.copyfile(source / file, tmp / file)
-            copied = write_manifest(tmp, base_model=base_model, source="import", model=model_id)
-            if copied != version:
-                raise AdapterFileError("adapter_model.safetensors changed while it was imported")
-            publish_dir(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    final = f"adapters/{version}"
+    tmp = store.temp_dir(final)
+    try:
+        for file in ADAPTER_FILES:
+            shutil.copyfile(source / file, tmp / file)
+        copied = write_manifest(tmp, base_model=base_model, source="import", model=model_id)
+        if copied != version:
+            raise AdapterFileError("adapter_model.safetensors changed while it was imported")
+        store.publish_dir(tmp, final)  # content-addressed: an existing copy holds the same bytes
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     row = Model(
         id=model_id,
         tenant_id=tenant_id,
         base_model=base_model,
         kind="import",
         version=version,
-        path=str(final.relative_to(settings.data_dir)),
+        path=final,
     )
     session.add(row)
     session.flush()

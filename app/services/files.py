@@ -1,7 +1,7 @@
 """Training files: every line validated before the file is stored; stored atomically."""
 
 import hashlib
-import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO
 
@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.core.settings import Settings
+from app.core.storage import ArtifactStore
 from app.core.training_rows import BadLine, read_rows
 from app.models import File, Tenant, new_id
 from app.services.pagination import page
@@ -37,13 +38,14 @@ def validate_training_jsonl(path: Path) -> tuple[str, int]:
     return fmt, examples
 
 
-def file_path(settings: Settings, file_id: str) -> Path:
-    return settings.files_dir / f"{file_id}.jsonl"
+def file_key(file_id: str) -> str:
+    return f"files/{file_id}.jsonl"
 
 
 def store_file(
     session: Session,
     settings: Settings,
+    store: ArtifactStore,
     tenant: Tenant,
     *,
     upload: BinaryIO,
@@ -55,9 +57,11 @@ def store_file(
             f"purpose {purpose!r} is not supported; upload training data with purpose 'fine-tune'.",
             param="purpose",
         )
-    settings.files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
-    tmp = settings.files_dir / f".tmp-{file_id}"
+    # Spooled to the local disk (validation reads it again), then published: renamed into the
+    # data dir, or uploaded to S3 in parts.
+    tmp_dir = store.temp_dir(file_key(file_id))
+    tmp = tmp_dir / f"{file_id}.jsonl"
     digest, size = hashlib.sha256(), 0
     try:
         with open(tmp, "wb") as out:
@@ -71,13 +75,10 @@ def store_file(
                     )
                 digest.update(block)
                 out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
         fmt, examples = validate_training_jsonl(tmp)
-        final = file_path(settings, file_id)
-        os.rename(tmp, final)
+        store.publish_file(tmp, file_key(file_id))
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     row = File(
         id=file_id,
         tenant_id=tenant.id,
@@ -92,7 +93,7 @@ def store_file(
     try:
         session.commit()
     except Exception:
-        final.unlink(missing_ok=True)
+        store.delete([file_key(file_id)])
         raise
     return row
 
@@ -123,8 +124,8 @@ def list_files(
     return page(session, query, (File.created_at, File.id), pivot, limit, descending=order == "desc")
 
 
-def delete_file(session: Session, settings: Settings, tenant: Tenant, file_id: str) -> None:
+def delete_file(session: Session, store: ArtifactStore, tenant: Tenant, file_id: str) -> None:
     row = get_file(session, tenant, file_id)
     session.delete(row)
     session.commit()
-    file_path(settings, file_id).unlink(missing_ok=True)
+    store.delete([file_key(file_id)])

@@ -7,11 +7,15 @@ import contextvars
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
+from app.core.adapter_cache import AdapterCache
 from app.core.adapter_files import AdapterFileError, AdapterGone
 from app.core.db import get_read_sessionmaker
 from app.core.errors import APIError, InvalidRequest, ServiceUnavailable
-from app.core.settings import get_settings
+from app.core.settings import Settings, get_settings
+from app.core.storage import ArtifactStore, open_store
 from app.inference.messages import (
     AdapterRef,
     Completion,
@@ -29,7 +33,7 @@ from app.schemas import (
     SamplingFields,
 )
 from app.services.keys import lookup_tenant
-from app.services.models import model_not_found, resolve_model
+from app.services.models import ResolvedModel, model_not_found, resolve_model
 from app.services.serving import ServedBases
 
 DEFAULT_GENERATE_TOKENS = 128
@@ -95,9 +99,11 @@ async def submit(served: ServedBases | None, api_key: str, wanted: InferenceInpu
         raise ServiceUnavailable("The inference engine is not ready yet; retry shortly.")
     body = wanted.body
 
+    settings = get_settings()
+
     def prepare():
         with get_read_sessionmaker()() as session, session.begin():
-            resolved = resolve_model(session, get_settings(), lookup_tenant(session, api_key), body.model)
+            resolved = resolve_model(session, settings, lookup_tenant(session, api_key), body.model)
         engine = served.engine_for(resolved.base_model, body.model)
         if wanted.messages is not None:
             return engine, resolved, engine.encode_chat(_chat_dicts(wanted.messages))
@@ -119,11 +125,38 @@ async def submit(served: ServedBases | None, api_key: str, wanted: InferenceInpu
         stop=stop,
         seed=body.seed,
     )
-    adapter = AdapterRef(resolved.version, resolved.adapter_dir) if resolved.version else None
+    adapter = None
+    if resolved.version:
+        store = open_store(settings)
+        # On the data dir the engine reads the adapter's own directory; from object storage, this
+        # replica's cached, verified copy of the version (downloaded first if need be).
+        adapter_dir = store.local_path(resolved.adapter_key) or await loop.run_in_executor(
+            _MATERIALIZE, _cached_adapter_dir, settings, store, resolved
+        )
+        adapter = AdapterRef(resolved.version, adapter_dir)
     try:
         return engine.submit(GenerationRequest(resolved.id, prompt_ids, params, adapter))
     except EngineStopped as exc:
         raise ServiceUnavailable(str(exc)) from exc
+
+
+# Downloads of adapters from object storage, off the lookup thread: a cold one takes a while.
+_MATERIALIZE = ThreadPoolExecutor(4, thread_name_prefix="adapter-fetch")
+
+
+@lru_cache
+def _adapter_cache(root: Path, max_bytes: int, max_entries: int) -> AdapterCache:
+    return AdapterCache(root, max_bytes, max_entries)
+
+
+def _cached_adapter_dir(settings: Settings, store: ArtifactStore, resolved: ResolvedModel) -> Path:
+    cache = _adapter_cache(
+        settings.adapter_cache_dir, settings.adapter_cache_bytes, settings.adapter_cache_entries
+    )
+    try:
+        return cache.materialize(store, resolved.adapter_key, resolved.version)
+    except AdapterFileError as exc:
+        raise _api_error(exc, resolved.id) from None
 
 
 def _max_tokens(wanted: InferenceInput, prompt_tokens: int, context: int) -> int:

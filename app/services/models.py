@@ -1,8 +1,6 @@
 """Models visible to a tenant: configured base models plus its fine-tunes, checkpoints and imports."""
 
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
@@ -10,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.core.base_models import available_base_models
 from app.core.errors import NotFound
 from app.core.settings import Settings
+from app.core.storage import ArtifactStore
 from app.models import Model, Tenant
 
 BASE_MODEL_CREATED_AT = 1_700_000_000
@@ -18,12 +17,12 @@ BASE_MODEL_CREATED_AT = 1_700_000_000
 @dataclass(frozen=True)
 class ResolvedModel:
     """What the inference engine needs to serve a model id: its base and, for an adapter, the
-    immutable version (content hash) and its directory."""
+    immutable version (content hash) and its key in the artifact store."""
 
     id: str
     base_model: str
     version: str | None = None
-    adapter_dir: Path | None = None
+    adapter_key: str | None = None
 
 
 def model_not_found(model_id: str) -> NotFound:
@@ -52,7 +51,7 @@ def resolve_model(session: Session, settings: Settings, tenant: Tenant, model_id
         id=model_id,
         base_model=row.base_model,
         version=row.version,
-        adapter_dir=settings.data_dir / row.path,
+        adapter_key=row.path,
     )
 
 
@@ -74,12 +73,14 @@ def get_model(session: Session, tenant: Tenant, model_id: str) -> Model:
     return row
 
 
-def delete_model(session: Session, settings: Settings, tenant: Tenant, model_id: str) -> Model:
-    """Delete a tenant's model id. Its adapter files go too once no other id points at them."""
+def delete_model(session: Session, store: ArtifactStore, tenant: Tenant, model_id: str) -> Model:
+    """Delete a tenant's model id and commit; its adapter files go too once no other id points at
+    them (a checkpoint's stay with its job's checkpoint)."""
     row = get_model(session, tenant, model_id)
     session.delete(row)
     session.flush()
     still_used = session.scalar(select(func.count()).select_from(Model).where(Model.path == row.path))
+    session.commit()
     if not still_used and row.kind != "checkpoint":
-        shutil.rmtree(settings.data_dir / row.path, ignore_errors=True)
+        store.delete_prefix(row.path)
     return row

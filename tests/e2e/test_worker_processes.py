@@ -1,4 +1,5 @@
-"""Real `python -m worker` processes: kill -9 and reclaim, SIGTERM, a crash while publishing."""
+"""Real `python -m worker` processes: kill -9 and reclaim, SIGTERM, a crash while publishing (on
+both artifact stores)."""
 
 import signal
 
@@ -6,6 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from app.core.db import session_scope
+from app.core.storage import open_store
 from app.models import Checkpoint, Model
 from tests.conftest import link_base_model
 from tests.worker_support import (
@@ -84,7 +86,9 @@ def test_sigterm_finishes_the_step_checkpoints_releases_and_exits_0(settings, ba
 
 
 @pytest.mark.parametrize("crash_at", ["publish_before_rename", "publish_before_commit"])
-def test_crash_during_publish_leaves_no_model_and_no_half_written_adapter(settings, tmp_path, crash_at):
+def test_crash_during_publish_leaves_no_model_and_no_half_written_adapter(store_settings, tmp_path, crash_at):
+    """On the data dir and on S3 alike."""
+    settings, artifacts = store_settings, open_store(store_settings)
     tenant = create_tenant()
     job_id = create_job(tenant, create_file(settings, tenant, ARITHMETIC[:1], "prompt_completion"))
     env = quick_lease(TUNEFORGE_TEST_RECIPE="noop")
@@ -93,13 +97,12 @@ def test_crash_during_publish_leaves_no_model_and_no_half_written_adapter(settin
     with session_scope() as session:
         assert session.scalars(select(Model)).all() == []
     assert get_job(job_id).status == "running"
-    adapters = list(settings.adapters_dir.iterdir()) if settings.adapters_dir.exists() else []
-    for adapter in adapters:  # only a complete, unreferenced directory may remain
-        assert {p.name for p in adapter.iterdir()} == {
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "manifest.json",
-        }
+    adapters = {}
+    for obj in artifacts.list_objects("adapters/"):
+        _, version, name = obj.key.split("/")
+        adapters.setdefault(version, set()).add(name)
+    for names in adapters.values():  # only a complete, unreferenced adapter may remain
+        assert names == {"adapter_config.json", "adapter_model.safetensors", "manifest.json"}
 
     recovering = start_worker_process(tmp_path / "recover.log", **env)
     try:
@@ -109,5 +112,5 @@ def test_crash_during_publish_leaves_no_model_and_no_half_written_adapter(settin
         assert recovering.wait(timeout=30) == 0
     with session_scope() as session:
         model = session.get(Model, get_job(job_id).output_model)
-    assert (settings.data_dir / model.path / "manifest.json").is_file()
+    assert artifacts.exists(f"{model.path}/manifest.json")
     assert not list(settings.data_dir.joinpath("jobs", job_id).glob(".tmp-*"))

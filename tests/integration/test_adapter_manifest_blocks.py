@@ -13,6 +13,7 @@ from app.core.adapter_files import AdapterFileError
 from app.core.artifacts import BLOCK_BYTES, sha256_file, write_manifest
 from app.core.db import session_scope
 from app.core.settings import EMBEDDED_BASE_MODEL
+from app.core.storage import open_store
 from app.inference.adapters import load_adapter_staged
 from app.inference.messages import AdapterRef
 from app.services.adapter_import import import_adapter
@@ -120,7 +121,14 @@ def test_an_imported_adapter_gets_block_digests_and_loads(settings, tmp_path, ba
     with session_scope() as session:
         tenant = get_or_create_tenant(session, "acme")
         row = import_adapter(
-            session, settings, tenant.id, "acme", "blocks", source, EMBEDDED_BASE_MODEL, base_model_dir
+            session,
+            open_store(settings),
+            tenant.id,
+            "acme",
+            "blocks",
+            source,
+            EMBEDDED_BASE_MODEL,
+            base_model_dir,
         )
         version, stored = row.version, settings.data_dir / row.path
     assert version == sha256_file(source / "adapter_model.safetensors")

@@ -9,6 +9,7 @@ from openai.types.fine_tuning import FineTuningJob
 
 from app.core.db import get_sessionmaker
 from app.core.settings import EMBEDDED_BASE_MODEL
+from app.core.storage import open_store
 from app.models import Model
 from app.schemas import JobCreate, JobPublic
 from app.services import files, jobs, keys
@@ -30,7 +31,9 @@ def test_worker_resolves_auto_from_the_tokens_and_records_it(settings, base_mode
         tenant = keys.get_or_create_tenant(s, "acme")
         s.commit()
         upload = io.BytesIO("".join(json.dumps(row) + "\n" for row in rows).encode())
-        f = files.store_file(s, settings, tenant, upload=upload, filename="t.jsonl", purpose="fine-tune")
+        f = files.store_file(
+            s, settings, open_store(settings), tenant, upload=upload, filename="t.jsonl", purpose="fine-tune"
+        )
         body = JobCreate(model=EMBEDDED_BASE_MODEL, training_file=f.id, hyperparameters={"n_epochs": 1})
         job, _ = jobs.create_job(s, settings, tenant, body)
         queued = public(job)

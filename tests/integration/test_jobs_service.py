@@ -8,6 +8,7 @@ import pytest
 
 from app.core.db import get_sessionmaker
 from app.core.errors import Conflict, InvalidRequest
+from app.core.storage import open_store
 from app.models import Job, JobStatus
 from app.schemas import JobCreate
 from app.services import files, jobs, keys
@@ -24,6 +25,7 @@ def tenant_and_file(settings):
         f = files.store_file(
             s,
             settings,
+            open_store(settings),
             tenant,
             upload=io.BytesIO(json.dumps(EXAMPLE).encode()),
             filename="t.jsonl",

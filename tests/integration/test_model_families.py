@@ -108,12 +108,11 @@ def greedy_run(decoder: BatchDecoder, prompts: list[list[int]], slots: list[int]
     """Prefill, then decode NEW_TOKENS - 1 steps, as the engine does: tokens per row and logits per step."""
     # Logits are copied: on CUDA they sit in a graph's output buffer, which its next replay overwrites.
     logits, greedy, blocks = prefill_rows(decoder, prompts, slots)
-    tokens, steps = [[t] for t in greedy], [logits.clone()]
+    tokens, steps = [[t] for t in greedy.tolist()], [logits.clone()]
     lengths = [len(p) for p in prompts]
     for _ in range(NEW_TOKENS - 1):
-        output = decoder.decode([row[-1] for row in tokens], [-1] * len(tokens), lengths, slots, blocks)
-        logits, greedy = output.logits, output.tokens()
-        for row, token in zip(tokens, greedy, strict=True):
+        logits, greedy = decoder.decode([row[-1] for row in tokens], lengths, slots, blocks)
+        for row, token in zip(tokens, greedy.tolist(), strict=True):
             row.append(token)
         lengths = [n + 1 for n in lengths]
         steps.append(logits.clone())

@@ -10,6 +10,7 @@ from sqlalchemy.orm import sessionmaker
 
 from app.core.artifacts import WEIGHTS_FILE
 from app.core.db import get_engine, session_scope
+from app.core.storage import open_store
 from app.models import Checkpoint, JobEvent, Model
 from tests.worker_support import ARITHMETIC, create_file, create_job, create_tenant, get_job, update_job
 from worker import store
@@ -57,7 +58,9 @@ def test_job_whose_worker_keeps_dying_fails_after_max_attempts(settings, session
     assert job.status == "failed" and job.error["code"] == "worker_lost"
 
 
-def test_zombie_cannot_write_after_takeover(settings, sessions):
+def test_zombie_cannot_write_after_takeover(store_settings, sessions):
+    """On both artifact stores: the zombie publishes nothing, neither rows nor objects."""
+    settings, artifacts = store_settings, open_store(store_settings)
     tenant = create_tenant()
     job_id = create_job(tenant, create_file(settings, tenant, ARITHMETIC[:1], "prompt_completion"))
     zombie_job = claim_job(sessions, "zombie", settings)
@@ -75,15 +78,16 @@ def test_zombie_cannot_write_after_takeover(settings, sessions):
         zombie.event("done", status="succeeded", fine_tuned_model=zombie_job.output_model)
     with pytest.raises(JobLost):
         store.save_checkpoint(
-            settings,
+            artifacts,
             zombie,
             zombie_job,
             5,
             lambda d: (noop_adapter(d / "adapter"), (d / "state").mkdir()),
             {"step": 5},
+            keep_checkpoints=3,
         )
     with pytest.raises(JobLost):
-        store.publish_adapter(settings, zombie, zombie_job, noop_adapter, trained_tokens=10)
+        store.publish_adapter(artifacts, zombie, zombie_job, noop_adapter, trained_tokens=10)
 
     job = get_job(job_id)
     assert job.status == "running" and job.worker_id == "owner" and job.fine_tuned_model is None
@@ -91,10 +95,9 @@ def test_zombie_cannot_write_after_takeover(settings, sessions):
         assert session.scalar(select(func.count()).select_from(JobEvent)) == events_before
         assert session.scalar(select(func.count()).select_from(Model)) == 0
         assert session.scalar(select(func.count()).select_from(Checkpoint)) == 0
-    assert not list(store.checkpoints_dir(settings, job_id).glob("step-*"))
-    assert not settings.adapters_dir.exists() or not list(settings.adapters_dir.iterdir())
-    assert not list(store.job_dir(settings, job_id).glob(".tmp-*"))
+    assert list(artifacts.list_objects("jobs/")) == list(artifacts.list_objects("adapters/")) == []
+    assert not list((settings.data_dir / "jobs" / job_id).glob(".tmp-*"))
 
     owner = Fence(sessions, job_id, owner_job.attempt)
-    store.publish_adapter(settings, owner, owner_job, noop_adapter, trained_tokens=10)
+    store.publish_adapter(artifacts, owner, owner_job, noop_adapter, trained_tokens=10)
     assert get_job(job_id).status == "succeeded"

@@ -1,11 +1,14 @@
 """The deployment files agree with the code: every command that docker-compose.yml and the
 Dockerfile run is a real `tuneforge` subcommand, every TUNEFORGE_* variable they set is a real
-setting, the worker (and the API, which hosts the inference engine) reserves a GPU, API and worker
-share the data volume, and migrations run once before either starts."""
+setting, each worker and each API replica (which hosts an inference engine) reserves its own pinned
+GPU, they share no filesystem (only PostgreSQL and the SeaweedFS bucket), the load balancer routes
+to every replica with readiness checks and a consistent hash on the model, and migrations run once
+before any of them starts."""
 
 import re
 import shlex
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import typer
@@ -17,6 +20,7 @@ from app.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+HAPROXY_CFG = REPO / "deploy" / "haproxy.cfg"
 DOCKERFILE = REPO / "Dockerfile"
 ENV_PREFIX = "TUNEFORGE_"
 
@@ -219,13 +223,28 @@ def depends_on(service: dict) -> dict[str, str]:
     return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
 
 
-def reserves_gpu(service: dict) -> bool:
+def gpu_device_ids(service: dict) -> list[str]:
+    """The GPU ids a service reserves by device_ids (a `count` reservation pins none)."""
     devices = (((service.get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get(
         "devices"
     ) or []
-    return any(
-        "gpu" in (d.get("capabilities") or []) and (d.get("count") or d.get("device_ids")) for d in devices
-    )
+    return [
+        str(i) for d in devices if "gpu" in (d.get("capabilities") or []) for i in d.get("device_ids") or []
+    ]
+
+
+def haproxy_sections() -> dict[str, list[str]]:
+    """'backend api' -> its directive lines, comments dropped."""
+    sections, current = {}, None
+    for raw in HAPROXY_CFG.read_text().splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(line.strip(), [])
+        elif current is not None:
+            current.append(line.strip())
+    return sections
 
 
 # --- tests -------------------------------------------------------------------------------------
@@ -237,8 +256,9 @@ def compose() -> dict:
 
 
 def test_compose_has_the_services_of_the_design(compose):
-    assert {"postgres", "migrate", "api", "worker"} <= set(compose["services"])
-    assert set(project_services(compose)) >= {"migrate", "api", "worker"}
+    assert {"postgres", "seaweedfs", "migrate", "lb"} <= set(compose["services"])
+    assert len(services_running(compose, "api")) >= 2, "several API replicas behind the load balancer"
+    assert len(services_running(compose, "worker")) >= 2, "one worker per GPU"
 
 
 def test_every_project_service_runs_a_real_tuneforge_subcommand(compose):
@@ -273,23 +293,35 @@ def test_postgres_has_a_readiness_check_and_a_volume(compose):
     assert named_volume_at(compose, postgres, "/var/lib/postgresql/data")
 
 
-def test_worker_and_api_reserve_a_gpu(compose):
-    worker = compose["services"][the_service_running(compose, "worker")]
-    api = compose["services"][the_service_running(compose, "api")]
-    assert reserves_gpu(worker), "the worker must reserve a GPU (deploy.resources.reservations)"
-    assert reserves_gpu(api), "the API hosts the inference engine and must reserve a GPU"
+def test_every_worker_and_api_replica_has_its_own_pinned_gpu(compose):
+    taken = {}
+    for subcommand in ("worker", "api"):
+        for name in services_running(compose, subcommand):
+            ids = gpu_device_ids(compose["services"][name])
+            assert len(ids) == 1, f"'{name}' must pin exactly one GPU with device_ids, not {ids}"
+            assert ids[0] not in taken, f"'{name}' and '{taken.get(ids[0])}' both pin GPU {ids[0]}"
+            taken[ids[0]] = name
 
 
-def test_api_and_worker_share_the_data_volume(compose):
+def test_no_filesystem_is_shared_only_postgres_and_the_bucket(compose):
     services = compose["services"]
-    volumes = set()
-    for subcommand in ("api", "worker"):
-        service = services[the_service_running(compose, subcommand)]
-        data_dir = data_dir_in_container(service)
-        volume = named_volume_at(compose, service, data_dir)
-        assert volume, f"'{subcommand}' does not mount a named volume at its data dir {data_dir}"
-        volumes.add(volume)
-    assert len(volumes) == 1, f"api and worker use different data volumes: {volumes}"
+    seaweedfs = services["seaweedfs"]
+    s3_env = env_mapping(seaweedfs.get("environment"))
+    assert "-s3" in as_argv(seaweedfs["command"]) and named_volume_at(compose, seaweedfs, "/data")
+    assert "/healthz" in " ".join(as_argv(seaweedfs["healthcheck"]["test"]))
+    volumes = {}
+    for name in services_running(compose, "api") + services_running(compose, "worker"):
+        service = services[name]
+        env = env_mapping(service.get("environment"))
+        assert env["TUNEFORGE_STORAGE_URL"].startswith("s3://"), name
+        assert urlparse(env["TUNEFORGE_S3_ENDPOINT_URL"]).hostname == "seaweedfs", name
+        for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[variable] == s3_env[variable], f"'{name}' and seaweedfs disagree on {variable}"
+        assert depends_on(service).get("seaweedfs") == "service_healthy", name
+        volume = named_volume_at(compose, service, data_dir_in_container(service))
+        if volume:
+            assert volume not in volumes, f"'{name}' and '{volumes[volume]}' share the volume {volume}"
+            volumes[volume] = name
 
 
 def test_migrations_run_once_before_api_and_worker(compose):
@@ -298,20 +330,36 @@ def test_migrations_run_once_before_api_and_worker(compose):
     assert str(migrate.get("restart", "no")) == "no", "the migration is a one-shot service"
     assert depends_on(migrate).get("postgres") == "service_healthy"
     for subcommand in ("api", "worker"):
-        name = the_service_running(compose, subcommand)
-        deps = depends_on(compose["services"][name])
-        assert deps.get(migrate_name) == "service_completed_successfully", (
-            f"'{name}' must wait for '{migrate_name}' to complete successfully"
-        )
+        for name in services_running(compose, subcommand):
+            deps = depends_on(compose["services"][name])
+            assert deps.get(migrate_name) == "service_completed_successfully", (
+                f"'{name}' must wait for '{migrate_name}' to complete successfully"
+            )
 
 
-def test_api_publishes_its_port_and_checks_readiness(compose):
-    api = compose["services"][the_service_running(compose, "api")]
-    env = {**dockerfile_env(), **env_mapping(api.get("environment"))}
-    assert env.get("TUNEFORGE_HOST") == "0.0.0.0", "the API must listen on all interfaces"
-    port = env.get("TUNEFORGE_PORT", str(Settings.model_fields["port"].default))
-    assert any(str(p).split(":")[-1] == port for p in api.get("ports", [])), api.get("ports")
-    assert "/readyz" in " ".join(as_argv(api["healthcheck"]["test"]))
+def test_api_replicas_listen_inside_and_check_readiness(compose):
+    for name in services_running(compose, "api"):
+        api = compose["services"][name]
+        env = {**dockerfile_env(), **env_mapping(api.get("environment"))}
+        assert env.get("TUNEFORGE_HOST") == "0.0.0.0", f"'{name}' must listen on all interfaces"
+        assert env.get("TUNEFORGE_PORT", str(Settings.model_fields["port"].default)) == "8000", name
+        assert "/readyz" in " ".join(as_argv(api["healthcheck"]["test"])), name
+        assert not api.get("ports"), f"'{name}' is reached through the load balancer only"
+
+
+def test_the_load_balancer_routes_to_every_replica_by_model_with_readiness_checks(compose):
+    lb = compose["services"]["lb"]
+    assert any(str(p).split(":")[-1] == "8000" for p in lb.get("ports", [])), lb.get("ports")
+    mounted = [str(m).split(":")[0] for m in lb.get("volumes", [])]
+    assert "./deploy/haproxy.cfg" in mounted
+    backend = haproxy_sections()["backend api"]
+    servers = {line.split()[2].split(":")[0] for line in backend if line.startswith("server ")}
+    assert servers == set(services_running(compose, "api")), "one haproxy server per API replica"
+    assert set(depends_on(lb)) == servers
+    assert "balance hash req.body,json_query('$.model')" in backend
+    assert "hash-type consistent" in backend and "option http-buffer-request" in backend
+    assert "option httpchk GET /readyz" in backend
+    assert any(line.startswith("default-server check") for line in backend)
 
 
 def test_dockerfile_default_command_is_a_real_subcommand():

@@ -1,9 +1,10 @@
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
-from app.api.deps import SessionDep, TenantDep
+from app.api.deps import SessionDep, StoreDep, TenantDep
 from app.api.openapi import error_responses, text_response
 from app.core.errors import PayloadTooLarge
 from app.core.settings import get_settings
@@ -19,6 +20,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 def upload_file(
     request: Request,
     session: SessionDep,
+    store: StoreDep,
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="JSONL, one training example per line.")],
     purpose: Annotated[Literal["fine-tune"], Form()],
@@ -33,6 +35,7 @@ def upload_file(
     row = service.store_file(
         session,
         settings,
+        store,
         tenant,
         upload=file.file,
         filename=file.filename or "upload.jsonl",
@@ -64,14 +67,28 @@ def retrieve_file(file_id: str, session: SessionDep, tenant: TenantDep):
     response_class=FileResponse,
     responses={**text_response("application/jsonl", "The file as uploaded."), **error_responses(404)},
 )
-def file_content(file_id: str, session: SessionDep, tenant: TenantDep):
+def file_content(file_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep):
     row = service.get_file(session, tenant, file_id)
-    return FileResponse(
-        service.file_path(get_settings(), row.id), media_type="application/jsonl", filename=row.filename
+    key = service.file_key(row.id)
+    path = store.local_path(key)
+    if path is not None:
+        return FileResponse(path, media_type="application/jsonl", filename=row.filename)
+    # Streamed from object storage as it arrives, with the headers FileResponse would send.
+    return StreamingResponse(
+        store.iter_bytes(key),
+        media_type="application/jsonl",
+        headers={"content-length": str(row.bytes), "content-disposition": _attachment(row.filename)},
     )
 
 
+def _attachment(filename: str) -> str:
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'
+
+
 @router.delete("/files/{file_id}", response_model=Deleted, responses=error_responses(404))
-def delete_file(file_id: str, session: SessionDep, tenant: TenantDep):
-    service.delete_file(session, get_settings(), tenant, file_id)
+def delete_file(file_id: str, session: SessionDep, store: StoreDep, tenant: TenantDep):
+    service.delete_file(session, store, tenant, file_id)
     return Deleted(id=file_id, object="file")

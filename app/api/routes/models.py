@@ -1,6 +1,6 @@
 from fastapi import APIRouter, Request
 
-from app.api.deps import ReadSessionDep, SessionDep, TenantDep
+from app.api.deps import ReadSessionDep, SessionDep, StoreDep, TenantDep
 from app.api.openapi import error_responses
 from app.core.base_models import available_base_models
 from app.core.errors import InvalidRequest
@@ -35,15 +35,14 @@ def retrieve_model(model_id: str, session: ReadSessionDep, tenant: TenantDep):
 
 
 @router.delete("/models/{model_id:path}", response_model=Deleted, responses=error_responses(400, 404))
-def delete_model(model_id: str, request: Request, session: SessionDep, tenant: TenantDep):
+def delete_model(model_id: str, request: Request, session: SessionDep, store: StoreDep, tenant: TenantDep):
     """Delete a fine-tuned model: it is unloaded and later requests for it get 404."""
     settings = get_settings()
     if model_id in available_base_models(settings):
         raise InvalidRequest(
             f"'{model_id}' is a base model; only fine-tuned models can be deleted.", param="model"
         )
-    row = service.delete_model(session, settings, tenant, model_id)
-    session.commit()
+    row = service.delete_model(session, store, tenant, model_id)
     served = getattr(request.app.state, "served", None)
     if served is not None:
         served.unload(row.version)
