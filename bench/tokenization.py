@@ -10,7 +10,8 @@ row through read_rows and checked_example into a list of Examples, in one proces
 with 1 and with 2 processes (Arrow files, `map`), and `rows`, its first stage alone (read_rows into
 an Arrow file, always in one process). Memory: the measuring process's
 VmHWM (peak RSS), the largest map worker's peak (RUSAGE_CHILDREN) and the process's RSS after the
-load, against its RSS before it. Then the --small-mb files with 1 and 2 processes, for where a
+load, against its RSS before it; CPU seconds of the process and its map workers, which on this shared
+machine say more than the wall time. Then the --small-mb files with 1 and 2 processes, for where a
 second process starts to pay (PARALLEL_MIN_BYTES in worker/data.py).
 Writes docs/benchmarks/tokenize_cpu.json (section "tokenize").
 """
@@ -59,6 +60,13 @@ def write_jsonl(path: Path, size: int, seed: int = 0) -> int:
     return rows
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the map workers): what the work costs
+    whatever else runs on the machine."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def rss(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         name, _, value = line.partition(":")
@@ -75,7 +83,7 @@ def measure(path: Path, way: str, tokenizer_dir: Path) -> dict:
     from worker.data import arrow_rows, checked_example, load_examples
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    before = rss("VmRSS")
+    before, cpu_before = rss("VmRSS"), cpu_seconds()
     t0 = time.perf_counter()
     if way == "list":
         with open(path, "rb") as f:
@@ -92,6 +100,7 @@ def measure(path: Path, way: str, tokenizer_dir: Path) -> dict:
         "rows": len(examples),
         "tokens": tokens,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds() - cpu_before, 2),
         "rows_per_s": round(len(examples) / seconds),
         "mb_per_s": round(path.stat().st_size / MB / seconds, 2),
         "rss_before_mb": round(before / MB),
