@@ -22,7 +22,7 @@ from app.core.db import make_engine
 from app.core.settings import EMBEDDED_BASE_MODEL, Settings
 from app.inference.decoder import Chunk
 from app.inference.lora import Weights
-from app.inference.messages import AdapterRef
+from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
 from app.models import Model
 from app.services.keys import create_key, get_or_create_tenant
 
@@ -150,3 +150,22 @@ def prefill_rows(decoder, prompts: list[list[int]], slots: list[int]):
     chunks = [Chunk(p, 0, s, b) for p, s, b in zip(prompts, slots, blocks, strict=True)]
     logits, greedy = decoder.prefill(chunks)
     return logits, greedy, blocks
+
+
+async def generate(engine, prompt, ref=None, max_tokens=8, on_token=None) -> str:
+    """Greedy text of one request straight to an in-process engine; on_token(text so far) per delta."""
+    stream = engine.submit(
+        GenerationRequest(
+            "test", engine.encode_prompt(prompt), SamplingParams(max_tokens, temperature=0.0), ref
+        )
+    )
+    text = ""
+    while True:
+        event = await stream.get()
+        if isinstance(event, Failure):
+            raise event.error
+        if isinstance(event, Completion):
+            return text
+        text += event.text
+        if on_token:
+            on_token(text)

@@ -43,7 +43,7 @@ from app.core.artifacts import WEIGHTS_FILE
 from app.core.errors import validation_message
 from app.core.hyperparameters import Hyperparameters, TrainingHyperparameters
 from app.core.settings import Settings
-from worker.data import IGNORE_INDEX, Example, collate, epoch_order, load_examples
+from worker.data import IGNORE_INDEX, Example, TokenizedExamples, collate, epoch_order, load_examples
 from worker.distributed import DataParallel
 from worker.errors import UserError
 from worker.hooks import ResidentBase, TrainingHooks, TrainResult
@@ -459,11 +459,13 @@ def optimizer_step(trainable: list, optimizer, scheduler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def resolve_hyperparameters(job: JobConfig, train_set: list[Example], hooks: TrainingHooks) -> TrainConfig:
+def resolve_hyperparameters(
+    job: JobConfig, train_set: TokenizedExamples, hooks: TrainingHooks
+) -> TrainConfig:
     """The job's hyperparameters with "auto" resolved from the tokenized training file; what "auto"
     became is recorded in the job, with an event, the first time."""
     requested = job.hyperparameters
-    tokens = sum(len(ex.input_ids) for ex in train_set)
+    tokens = int(train_set.lengths.sum())
     resolved = requested.resolve(len(train_set), tokens)
     auto = [name for name, value in requested if value == "auto"]
     if auto:

@@ -196,7 +196,7 @@ class Engine:
     def capacity(self) -> str:
         """What the engine holds, sized from the settings or the free memory (logged at start)."""
         return (
-            f"{self.tiers.pool.num_slots - 1} GPU adapter slots, {self.tiers.cpu_capacity} CPU tier "
+            f"{self.tiers.pool.num_slots - 1} adapter slots, {self.tiers.cpu_capacity} CPU tier "
             f"entries, {(self.decoder.num_blocks - 1) * BLOCK_SIZE} KV cache tokens on {self.device}"
         )
 

@@ -16,9 +16,10 @@ from app.core.settings import Settings
 from app.inference.decoder import BatchDecoder
 from app.inference.engine import Engine
 from app.inference.lora import AdapterPool
-from app.inference.messages import AdapterRef, Completion, Failure, GenerationRequest, SamplingParams
+from app.inference.messages import AdapterRef
 from tests.conftest import link_base_model
 from tests.inference_support import (
+    generate,
     load_adapter_weights,
     prefill_rows,
     publish_adapter_files,
@@ -46,24 +47,6 @@ def engine(settings):
 def adapter(settings, seed, **kw) -> AdapterRef:
     directory = publish_adapter_files(settings, seed, **kw)
     return AdapterRef(directory.name, directory)
-
-
-async def generate(engine, prompt, ref=None, max_tokens=8, on_token=None):
-    stream = engine.submit(
-        GenerationRequest(
-            "test", engine.encode_prompt(prompt), SamplingParams(max_tokens, temperature=0.0), ref
-        )
-    )
-    text = ""
-    while True:
-        event = await stream.get()
-        if isinstance(event, Failure):
-            raise event.error
-        if isinstance(event, Completion):
-            return text
-        text += event.text
-        if on_token:
-            on_token(text)
 
 
 @pytest.mark.slow

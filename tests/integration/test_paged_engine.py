@@ -9,8 +9,8 @@ import pytest
 from app.core.metrics import INFERENCE_PREEMPTIONS
 from app.core.settings import Settings
 from app.inference.engine import Engine
-from app.inference.messages import Completion, Failure, GenerationRequest, SamplingParams
 from tests.conftest import link_base_model
+from tests.inference_support import generate
 
 STORY = "Once upon a time"
 LONG_PROMPT = "In a small village at the edge of a great forest there lived an old clockmaker who " * 5
@@ -29,21 +29,6 @@ def started(data_dir, **settings) -> Engine:
     return engine
 
 
-async def generate(engine, prompt, max_tokens, on_token=None) -> str:
-    ids = engine.encode_prompt(prompt)
-    stream = engine.submit(GenerationRequest("test", ids, SamplingParams(max_tokens, temperature=0.0)))
-    text = ""
-    while True:
-        event = await stream.get()
-        if isinstance(event, Failure):
-            raise event.error
-        if isinstance(event, Completion):
-            return text
-        text += event.text
-        if on_token:
-            on_token(text)
-
-
 @pytest.fixture(scope="module")
 def roomy(data_dir):
     engine = started(data_dir)
@@ -57,7 +42,7 @@ def test_sequences_that_lose_their_blocks_resume_with_their_solo_text(data_dir, 
     blocks up whenever another must grow, is prefilled again with what it generated, and every
     stream still gets exactly the text it gets alone on a roomy engine."""
     prompts = ["List many colours:", "Once upon a time", "The history of Rome begins"]
-    solo = [asyncio.run(generate(roomy, p, 60)) for p in prompts]
+    solo = [asyncio.run(generate(roomy, p, max_tokens=60)) for p in prompts]
     assert all(len(roomy.tokenizer(t)["input_ids"]) > 40 for t in solo)  # ~60 tokens each
     # 9 blocks of 16 tokens, 8 usable: a context (128) for one stream, not ~80 tokens for three.
     tight = started(data_dir, kv_cache_tokens=9 * 16)
@@ -65,7 +50,7 @@ def test_sequences_that_lose_their_blocks_resume_with_their_solo_text(data_dir, 
         before = INFERENCE_PREEMPTIONS._value.get()
 
         async def together():
-            return await asyncio.gather(*(generate(tight, p, 60) for p in prompts))
+            return await asyncio.gather(*(generate(tight, p, max_tokens=60) for p in prompts))
 
         assert asyncio.run(together()) == solo
         assert INFERENCE_PREEMPTIONS._value.get() > before
@@ -76,7 +61,7 @@ def test_sequences_that_lose_their_blocks_resume_with_their_solo_text(data_dir, 
 
 @pytest.mark.slow
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(data_dir, roomy):
-    solo_long = asyncio.run(generate(roomy, LONG_PROMPT, 8))
+    solo_long = asyncio.run(generate(roomy, LONG_PROMPT, max_tokens=8))
     chunked = started(data_dir, prefill_chunk_tokens=16)
     try:
 
@@ -91,12 +76,12 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(data_dir, roo
                 running_text[0] = text
                 first.set()
 
-            running = asyncio.create_task(generate(chunked, STORY, 80, on_token=on_running))
+            running = asyncio.create_task(generate(chunked, STORY, max_tokens=80, on_token=on_running))
             await first.wait()
             submitted_at = tokens(running_text[0])
             seen_at = []
             long_text = await generate(
-                chunked, LONG_PROMPT, 8, on_token=lambda t: seen_at.append(tokens(running_text[0]))
+                chunked, LONG_PROMPT, max_tokens=8, on_token=lambda t: seen_at.append(tokens(running_text[0]))
             )
             await running
             return long_text, seen_at[0] - submitted_at

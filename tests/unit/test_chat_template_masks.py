@@ -69,12 +69,14 @@ def test_qwen3_learns_the_last_answers_reasoning_and_not_the_dropped_ones(base_m
     assert "Easy." not in tokenizer.decode(example.input_ids)
 
 
-def test_a_row_the_chat_template_refuses_fails_naming_the_line(base_model_dir, tmp_path):
-    """Gemma 2's template has no system role: the job fails as a user error, not mid-way."""
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_row_the_chat_template_refuses_fails_naming_the_line(base_model_dir, tmp_path, processes):
+    """Gemma 2's template has no system role: the job fails as a user error, not mid-way, also when
+    the row is tokenized by another process than the first."""
     tokenizer = family_tokenizer(base_model_dir, "gemma2")
     path = tmp_path / "train.jsonl"
     rows = [{"messages": TURNS[:2]}, {"messages": [SYSTEM, *TURNS[:2]]}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(UserError, match="Line 2 of the training_file.*System role not supported") as error:
-        load_examples(path, tokenizer, 256, "training_file")
+        load_examples(path, tokenizer, 256, "training_file", processes)
     assert error.value.code == "invalid_file_format"
