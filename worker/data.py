@@ -257,12 +257,20 @@ PARALLEL_MIN_BYTES = 4 * 2**20
 
 
 def default_processes(path: Path) -> int:
-    """Every core this process may run on, for a file big enough to pay for them."""
-    return len(os.sched_getaffinity(0)) if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
+    """Every core this process may run on (its share, when the job's ranks tokenize side by side),
+    for a file big enough to pay for them."""
+    if path.stat().st_size < PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def load_examples(
-    path: Path, tokenizer, max_seq_length: int, param: str, processes: int | None = None
+    path: Path,
+    tokenizer,
+    max_seq_length: int,
+    param: str,
+    work_dir: Path | None = None,
+    processes: int | None = None,
 ) -> TokenizedExamples:
     """Every row of a JSONL file as an Example, tokenized by `processes` processes (by default
     `default_processes`). A bad line is a user error that names it: the first malformed line, else
@@ -270,8 +278,11 @@ def load_examples(
     if not path.is_file():
         raise UserError("file_not_found", f"The {param} content is missing; upload the file again.", param)
     processes = processes or default_processes(path)
-    # Next to the file, on the disk that holds files of its size (/tmp may be small, or memory).
-    with tempfile.TemporaryDirectory(prefix=".tmp-tokenized-", dir=path.parent) as cache_dir:
+    # In the job's dir (a crash's leftovers go with the job's temps), else next to the file: on the
+    # disk that holds files of its size (/tmp may be small, or memory).
+    work_dir = work_dir or path.parent
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-tokenized-", dir=work_dir) as cache_dir:
         rows = arrow_rows(path, Path(cache_dir) / "rows.arrow", param)
         if not len(rows):
             raise UserError("invalid_file_format", f"The {param} has no examples.", param)

@@ -258,6 +258,7 @@ def _train(
         device=pipeline.resolve_device(settings.device),
         checkpoint_every_steps=settings.checkpoint_every_steps,
         train_memory_gib=settings.train_memory_gib,
+        work_dir=artifacts.scratch / store.job_key(job.id),
     )
     return ranks.train(config, hooks, resident, resume_from, settings.worker_gpus)
 

@@ -74,6 +74,9 @@ class RunInputs(BaseModel):
     checkpoint_every_steps: int
     # TUNEFORGE_TRAIN_MEMORY_GIB: the peak GPU memory the run may reach; None for what is free.
     train_memory_gib: float | None = None
+    # Where the run's temporary files go (the job's dir, whose temps the next attempt removes);
+    # None: next to the training file.
+    work_dir: Path | None = None
 
 
 class TrainConfig(TrainingHyperparameters, RunInputs):
@@ -487,9 +490,9 @@ def train(
     tokenizer = AutoTokenizer.from_pretrained(job.base_model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_seq_length = job.hyperparameters.max_seq_length
-    train_set = load_examples(job.training_file, tokenizer, max_seq_length, "training_file")
+    train_set = load_examples(job.training_file, tokenizer, max_seq_length, "training_file", job.work_dir)
     valid_set = (
-        load_examples(job.validation_file, tokenizer, max_seq_length, "validation_file")
+        load_examples(job.validation_file, tokenizer, max_seq_length, "validation_file", job.work_dir)
         if job.validation_file
         else []
     )

@@ -78,5 +78,5 @@ def test_a_row_the_chat_template_refuses_fails_naming_the_line(base_model_dir, t
     rows = [{"messages": TURNS[:2]}, {"messages": [SYSTEM, *TURNS[:2]]}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(UserError, match="Line 2 of the training_file.*System role not supported") as error:
-        load_examples(path, tokenizer, 256, "training_file", processes)
+        load_examples(path, tokenizer, 256, "training_file", processes=processes)
     assert error.value.code == "invalid_file_format"

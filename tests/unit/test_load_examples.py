@@ -2,10 +2,13 @@
 row by row, the same line-numbered user errors in one process or several, and leaves no files."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
+from app.core.artifacts import remove_stale_temps
 from app.core.training_rows import parse_row
 from worker.data import load_examples, tokenize_row
 from worker.errors import UserError
@@ -51,7 +54,7 @@ PROCESSES = [pytest.param(1, id="1 process"), pytest.param(2, marks=pytest.mark.
 def test_the_examples_are_tokenize_rows(tokenizer, tmp_path, shape, processes):
     path = tmp_path / "train.jsonl"
     write(path, [ROWS[shape][0], "", *ROWS[shape][1:]])  # a blank line is skipped
-    examples = load_examples(path, tokenizer, 256, "training_file", processes)
+    examples = load_examples(path, tokenizer, 256, "training_file", processes=processes)
 
     expected = [tokenize_row(parse_row(row), tokenizer) for row in ROWS[shape]]
     assert list(examples) == expected
@@ -68,7 +71,7 @@ def test_a_missing_file_names_the_parameter(tokenizer, tmp_path):
 
 def assert_fails(path, tokenizer, processes: int, code: str, message: str, max_seq_length: int = 256) -> None:
     with pytest.raises(UserError) as error:
-        load_examples(path, tokenizer, max_seq_length, "training_file", processes)
+        load_examples(path, tokenizer, max_seq_length, "training_file", processes=processes)
     assert (error.value.code, error.value.message, error.value.param) == (code, message, "training_file")
     assert only_the_file_is_left(path)
 
@@ -132,3 +135,24 @@ def test_a_row_with_nothing_to_learn_is_named(base_model_dir, tmp_path, processe
         "invalid_file_format",
         "Line 1 of the training_file has nothing to learn (no assistant or completion tokens).",
     )
+
+
+def test_the_cache_goes_in_the_jobs_dir_whose_temps_a_new_attempt_removes(tokenizer, tmp_path, monkeypatch):
+    path = tmp_path / "files" / "train.jsonl"
+    path.parent.mkdir()
+    write(path, ROWS["text"])
+    job_dir = tmp_path / "jobs" / "ftjob-1"
+    seen = []
+    original = tempfile.TemporaryDirectory
+
+    def spy(*args, **kwargs):
+        seen.append(Path(kwargs["dir"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    assert len(load_examples(path, tokenizer, 256, "training_file", job_dir)) == len(ROWS["text"])
+    assert seen == [job_dir] and list(job_dir.iterdir()) == [] and only_the_file_is_left(path)
+    # What a worker killed while tokenizing leaves there is one of the job's temps.
+    (job_dir / ".tmp-tokenized-left").mkdir()
+    remove_stale_temps(job_dir)
+    assert list(job_dir.iterdir()) == []
