@@ -12,7 +12,7 @@ from app.core.hyperparameters import Hyperparameters
 from app.schemas import JobCreate
 from tests.worker_support import HYPERPARAMETERS
 from worker.errors import UserError
-from worker.pipeline import JobConfig
+from worker.pipeline import JobConfig, RunInputs
 
 JOB_FIELDS = {
     "base_model_dir": Path("-"),
@@ -29,7 +29,7 @@ def test_recorded_hyperparameters_are_what_the_worker_trains_with():
     record = resolved.model_dump()
     job = JobConfig.from_job(record, **JOB_FIELDS)
     config = job.train_config(job.hyperparameters.resolve(100, 5000))
-    assert config.model_dump(exclude={*JOB_FIELDS, "train_memory_gib", "micro_batch_tokens"}) == record
+    assert config.model_dump(exclude={*RunInputs.model_fields, "micro_batch_tokens"}) == record
     assert config.learning_rate == pytest.approx(1e-4)
 
 
