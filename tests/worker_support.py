@@ -4,6 +4,7 @@ the API would), the environment for worker subprocesses, and polling."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import threading
 import time
@@ -178,3 +179,34 @@ def quick_lease(**env) -> dict:
 
 
 ARITHMETIC = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(1, 5) for b in range(1, 5)]
+
+
+class RecordingHooks:
+    """TrainingHooks that keep events in a list and checkpoints in a directory, one per step (a later
+    run's checkpoint at a step replaces an earlier run's)."""
+
+    def __init__(self, checkpoints_dir):
+        self.claimed_at = time.monotonic()
+        self.checkpoints_dir = checkpoints_dir
+        self.events: list[tuple[str, dict]] = []
+
+    def control(self):
+        return "continue"
+
+    def log(self, message: str, data: dict) -> None:
+        self.events.append((message, data))
+
+    def record_hyperparameters(self, hyperparameters: dict, message: str, data: dict) -> None:
+        self.events.append((message, data))
+
+    def save_checkpoint(self, step, write, metrics) -> None:
+        directory = self.checkpoints_dir / f"step-{step}"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        write(directory)
+
+    def messages(self) -> list[str]:
+        return [message for message, data in self.events if "load_seconds" not in data]
+
+    def metrics(self, name: str) -> list[tuple[int, float]]:
+        return [(data["step"], data[name]) for _, data in self.events if name in data]

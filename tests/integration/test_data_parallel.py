@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from tests.chat_template_support import family_tokenizer
 from tests.model_families_support import build_base
 from tests.worker_support import (
     HYPERPARAMETERS,
+    RecordingHooks,
     create_file,
     create_job,
     create_tenant,
@@ -47,35 +47,6 @@ def tiny_base(base_model_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-llama")
     build_base("llama", directory, family_tokenizer(base_model_dir, "llama"))
     return directory
-
-
-class RecordingHooks:
-    """TrainingHooks that keep events in a list and checkpoints in a directory."""
-
-    def __init__(self, checkpoints_dir):
-        self.claimed_at = time.monotonic()
-        self.checkpoints_dir = checkpoints_dir
-        self.events: list[tuple[str, dict]] = []
-
-    def control(self):
-        return "continue"
-
-    def log(self, message: str, data: dict) -> None:
-        self.events.append((message, data))
-
-    def record_hyperparameters(self, hyperparameters: dict, message: str, data: dict) -> None:
-        self.events.append((message, data))
-
-    def save_checkpoint(self, step, write, metrics) -> None:
-        directory = self.checkpoints_dir / f"step-{step}"
-        directory.mkdir(parents=True)
-        write(directory)
-
-    def messages(self) -> list[str]:
-        return [message for message, data in self.events if "load_seconds" not in data]
-
-    def metrics(self, name: str) -> list[tuple[int, float]]:
-        return [(data["step"], data[name]) for _, data in self.events if name in data]
 
 
 def job_config(base_dir, tmp_path, validation: bool = False, **hyperparameters) -> pipeline.JobConfig:

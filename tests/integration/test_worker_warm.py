@@ -1,7 +1,6 @@
 """Warm workers: a worker keeps the base model loaded between jobs, and a job trained on that
 resident base comes out as it would from a worker that loaded the base for it."""
 
-import time
 import weakref
 
 import pytest
@@ -18,6 +17,7 @@ from tests.model_families_support import build_base
 from tests.worker_support import (
     ARITHMETIC,
     HYPERPARAMETERS,
+    RecordingHooks,
     create_file,
     create_job,
     create_tenant,
@@ -120,24 +120,6 @@ def test_a_job_after_a_cancelled_and_a_failed_one_on_a_warm_worker_trains_as_on_
     assert get_job(failed).error["code"] == "invalid_hyperparameters"
     assert [base_model_events(job) for job in (cancelled, failed, job_b)] == [[False], [True], [True]]
     assert_same_adapter(settings, job_b, reference)
-
-
-class RecordingHooks:
-    """TrainingHooks that keep events in a list and checkpoints in a directory."""
-
-    def __init__(self, checkpoints_dir):
-        self.claimed_at = time.monotonic()
-        self.checkpoints_dir = checkpoints_dir
-        self.events: list[tuple[str, dict]] = []
-
-    def control(self):
-        return "continue"
-
-    def log(self, message: str, data: dict) -> None:
-        self.events.append((message, data))
-
-    def save_checkpoint(self, step, write, metrics) -> None:
-        write(self.checkpoints_dir / f"step-{step}-{len(self.events)}")
 
 
 def as_loaded(model) -> tuple[dict, dict]:
