@@ -261,7 +261,7 @@ class Engine:
     def _auto_cpu_entries(self, pool: AdapterPool) -> int:
         """CPU tier entries when not set: twice the GPU slots, within an eighth of the host's memory."""
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return max(8, min(2 * (pool.num_slots - 1), host // 8 // pool.slot_bytes(pool.rank)))
+        return max(8, min(2 * (pool.num_slots - 1), host // 8 // slot_bytes(self.model, pool.rank)))
 
     def _auto_kv_tokens(self) -> int:
         """KV cache tokens when not set: enough for every batch row at the full context (never

@@ -41,7 +41,8 @@ def _members(layer) -> list[tuple[str, str, list[str]]]:
 
 
 def slot_bytes(model: nn.Module, rank: int) -> int:
-    """GPU memory one pool slot of `rank` takes on `model` (before a pool is built)."""
+    """Memory one pool slot (or CPU tier entry) of `rank` takes on `model`; a pool built on the
+    model keeps its modules, so this holds before and after."""
     numel = 0
     for layer in model.model.layers:
         for _, parent_name, members in _members(layer):
@@ -170,10 +171,6 @@ class AdapterPool:
         """Elements of a staged adapter of `rank` on every projection (what a loader can allocate
         before it has seen one)."""
         return sum(rank * len(g.members) * g.in_features + rank * g.BT.shape[2] for g in self.groups())
-
-    def slot_bytes(self, rank: int) -> int:
-        """Memory one slot (or one CPU tier entry) takes at `rank`."""
-        return self.staged_numel(rank) * self.dtype.itemsize
 
     def clear(self, slot: int) -> None:
         # Rank 0: the kernels skip the slot; `write` zeroes it before the next adapter lands.
