@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PKGS="transformers peft bitsandbytes fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv
 typing-inspection annotated-types annotated-doc sqlalchemy alembic mako uvicorn h11 httpx httpcore anyio sniffio
 python-multipart prometheus_client uvloop httptools typer click rich shellingham markdown-it-py mdurl pygments gguf
-opentelemetry-api"
+opentelemetry-api datasets dill multiprocess liger-kernel"
 FREEZE=$(.venv/bin/pip freeze)
 SPECS=()
 for p in $PKGS; do

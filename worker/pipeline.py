@@ -10,8 +10,9 @@ of `max_seq_length` tokens (bin-packed, position ids restarting per example so a
 block-diagonal), rows are grouped into micro-batches of at most `micro_batch_tokens` (on CUDA sized to
 the model and the memory the run may use, worker/memory.py, up to `MICRO_BATCH_TOKENS`), and the loss
 is a chunked cross-entropy over the target positions only, so the vocabulary-wide logits never
-exist for a whole micro-batch. On CUDA the frozen weights run in bf16 under bf16 autocast and
-AdamW is fused. save: the adapter as safetensors; the training state
+exist for a whole micro-batch. On CUDA the frozen weights run in bf16 under bf16 autocast,
+AdamW is fused, and Llama-family bases run Liger's RMSNorm, SwiGLU and rotary kernels
+(worker/fused_kernels.py). save: the adapter as safetensors; the training state
 (optimizer, scheduler, RNG, data position) as safetensors + JSON, never pickle, so a new attempt
 or a resumed job continues from the same step. Data-parallel (worker/distributed.py: the ranks of a
 process group, which worker/ranks.py or torchrun starts), every rank trains its share of each step's
@@ -25,6 +26,7 @@ import gc
 import json
 import math
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -46,6 +48,7 @@ from app.core.settings import Settings
 from worker.data import IGNORE_INDEX, Example, TokenizedExamples, collate, epoch_order, load_examples
 from worker.distributed import DataParallel
 from worker.errors import UserError
+from worker.fused_kernels import ATTENTION, fused_training, use_fused_kernels
 from worker.hooks import ResidentBase, TrainingHooks, TrainResult
 from worker.lora_forward import use_fused_lora_forward
 from worker.memory import GIB, LOSS_CHUNK_TOKENS, TrainShape, micro_batch_tokens
@@ -144,6 +147,7 @@ def load_base_model(base_model_dir: Path, device: str):
         for param in model.parameters():
             if param.dtype == torch.float32 and not param.requires_grad:
                 param.data = param.data.to(compute_dtype)
+        use_fused_kernels(model)
     return model
 
 
@@ -310,10 +314,11 @@ def pack_rows(examples: list[Example], row_length: int, packing: bool) -> list[l
 
 
 def micro_batches(examples: list[Example], pad_id: int, config: TrainConfig) -> list[dict]:
-    """One step's examples as micro-batches {input_ids, position_ids, target_index, targets}.
-    Each row holds whole examples with position ids restarting at 0 (transformers turns that into
-    a block-diagonal causal mask; the padding at a row's end is one more such block). Targets are
-    shifted inside each example, so no example learns to predict its neighbour's start;
+    """One step's examples as micro-batches {input_ids, position_ids, target_index, targets,
+    cu_seqlens, max_seqlen}. Each row holds whole examples with position ids restarting at 0
+    (transformers turns that into a block-diagonal causal mask; the padding at a row's end is one more
+    such block); cu_seqlens are the same blocks' bounds in the flattened batch, for varlen attention.
+    Targets are shifted inside each example, so no example learns to predict its neighbour's start;
     target_index lists the flat positions that have a target (computed here, on the host)."""
     rows = pack_rows(examples, config.max_seq_length, config.packing)
     width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
@@ -326,7 +331,7 @@ def micro_batches(examples: list[Example], pad_id: int, config: TrainConfig) -> 
     rows_per_batch = max(1, config.micro_batch_tokens // width) if config.device == "cuda" else len(rows)
     batches = []
     for start in range(0, len(rows), rows_per_batch):
-        ids, positions, index, targets = [], [], [], []
+        ids, positions, index, targets, bounds = [], [], [], [], [0]
         for r, row in enumerate(rows[start : start + rows_per_batch]):
             offset = r * width
             row_ids, row_positions = [], []
@@ -338,15 +343,20 @@ def micro_batches(examples: list[Example], pad_id: int, config: TrainConfig) -> 
                         targets.append(label)
                 row_ids += ex.input_ids
                 row_positions += range(len(ex.input_ids))
+                bounds.append(offset + len(row_ids))
             pad = width - len(row_ids)
             ids.append(row_ids + [pad_id] * pad)
             positions.append(row_positions + list(range(pad)))
+            if pad:
+                bounds.append(offset + width)
         batches.append(
             {
                 "input_ids": torch.tensor(ids),
                 "position_ids": torch.tensor(positions),
                 "target_index": torch.tensor(index, dtype=torch.long),
                 "targets": torch.tensor(targets, dtype=torch.long),
+                "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+                "max_seqlen": max(b - a for a, b in pairwise(bounds)),
             }
         )
     return batches
@@ -366,10 +376,17 @@ def micro_batch_loss_sum(model, batch: dict, device: str) -> torch.Tensor:
     at the target positions only, and lm_head + cross-entropy run in checkpointed chunks, so at
     most LOSS_CHUNK_TOKENS x vocab logits exist at a time (in forward and in backward)."""
     base = model.get_base_model()
+    max_seqlen = batch["max_seqlen"]
+    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if device == "cuda":  # from pinned memory the copy is asynchronous: no wait for the GPU here
+        batch = {k: v.pin_memory() for k, v in batch.items()}
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    packed = {}
+    if base.config._attn_implementation == ATTENTION:  # inside fused_training
+        packed = {"tuneforge_cu_seqlens": batch["cu_seqlens"], "tuneforge_max_seqlen": max_seqlen}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
         hidden = base.get_decoder()(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **packed
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
         weight = base.get_output_embeddings().weight
@@ -397,10 +414,11 @@ def fast_step(
     if n_targets is None:
         n_targets = sum(len(b["targets"]) for b in batches)
     total = None
-    for batch in batches:
-        loss = micro_batch_loss_sum(model, batch, config.device) / max(n_targets, 1)
-        loss.backward()
-        total = loss.detach() if total is None else total + loss.detach()
+    with fused_training(model.get_base_model()):
+        for batch in batches:
+            loss = micro_batch_loss_sum(model, batch, config.device) / max(n_targets, 1)
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
     return total
 
 

@@ -71,6 +71,16 @@ def test_micro_batch_targets_stay_inside_each_example():
     # position 0 predicts 6, 1 predicts 7; a's last token predicts nothing (not b's first); 3 predicts 9
     assert batch["target_index"].tolist() == [0, 1, 3]
     assert batch["targets"].tolist() == [6, 7, 9]
+    # The same blocks for varlen attention: each example, in the flattened batch.
+    assert batch["cu_seqlens"].tolist() == [0, 3, 5]
+    assert batch["max_seqlen"] == 3
+
+
+def test_micro_batch_sequence_bounds_count_each_rows_padding_as_its_own_block():
+    a, b = Example([5, 6, 7], [5, 6, 7]), Example([8, 9], [8, 9])
+    (batch,) = pipeline.micro_batches([a, b], 0, _config(max_seq_length=16, packing=False))
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 6]
 
 
 def test_packed_row_equals_separate_sequences(base_model_dir):
