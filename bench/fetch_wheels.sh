@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 PKGS="transformers peft bitsandbytes fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv
 typing-inspection annotated-types annotated-doc sqlalchemy alembic mako uvicorn h11 httpx httpcore anyio sniffio
 python-multipart prometheus_client uvloop httptools typer click rich shellingham markdown-it-py mdurl pygments gguf
-opentelemetry-api datasets dill multiprocess liger-kernel"
+opentelemetry-api datasets dill multiprocess liger-kernel
+boto3 botocore s3transfer jmespath"
 FREEZE=$(.venv/bin/pip freeze)
 SPECS=()
 for p in $PKGS; do

@@ -2,6 +2,7 @@
 and jobs created over HTTP, timed from created to succeeded.
 
 python3 bench/job.py [--model-shape tinyllama|mistral7b|qwen3] [--examples 3000] [--device cuda|cpu]
+python3 bench/job.py --big-file-mb 1000
 Builds the shape's random checkpoint (bench/shapes.py) with bench/serve.py's word-level tokenizer,
 writes a prompt/completion JSONL of bench/train.py's synthetic lengths (median ~134 tokens) as text of
 the tokenizer's words, and runs the API and one worker as subprocesses on a temp data dir (SQLite),
@@ -20,6 +21,11 @@ Results merged into docs/benchmarks/latest.json under "train" (`default_job{suff
 `job_start_first{suffix}_s` for the first; suffix from RESULT_KEYS: "" for the 1.1B shape,
 "_7b", "_qwen3") and the details under `train.jobs{suffix}`. `--device cpu` runs a tiny random Llama
 instead of the shape, to check the script on a machine without a GPU; it prints and merges nothing.
+
+--big-file-mb N instead: a file of N MB (10^6 bytes) of such rows, about 1.5 million for 1,000, uploaded
+(timed: the API validates it as it arrives), then one job at default hyperparameters, timed from its
+claim to the end of its first optimizer step (the worker tokenizes the whole file first), then
+cancelled. Merged under "train" as `big_file_job_start_s` and `big_file`.
 """
 
 import argparse
@@ -31,6 +37,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,11 +64,65 @@ def write_examples(path: Path, n: int, vocab: int) -> int:
     with open(path, "w") as f:
         for ids in synthetic_examples(n):
             words = [str(3 + (i - 3) % (vocab - 3)) for i in ids[:-1]]  # the identity for the 32k vocab
-            cut = len(words) // 3
-            row = {"prompt": " ".join(words[:cut]) + " ", "completion": " ".join(words[cut:])}
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(_prompt_completion(words)) + "\n")
             tokens += len(ids)
     return tokens
+
+
+def _prompt_completion(words: list[str]) -> dict:
+    cut = len(words) // 3
+    return {"prompt": " ".join(words[:cut]) + " ", "completion": " ".join(words[cut:])}
+
+
+def write_big_file(path: Path, megabytes: int, vocab: int) -> int:
+    """Rows as write_examples writes them (numpy-drawn, for speed) until the file holds `megabytes`
+    MB; returns how many."""
+    rng = np.random.default_rng(0)
+    words = np.array([str(i) for i in range(vocab)])
+    written = rows = 0
+    with open(path, "w") as f:
+        while written < megabytes * 10**6:
+            lengths = np.clip(rng.lognormal(4.9, 0.6, 1000).astype(int), 24, 512) - 1
+            drawn = np.split(words[rng.integers(3, vocab, lengths.sum())], np.cumsum(lengths)[:-1])
+            lines = [json.dumps(_prompt_completion(list(w))) for w in drawn]
+            text = "\n".join(lines) + "\n"
+            f.write(text)
+            written, rows = written + len(text), rows + len(lines)
+    return rows
+
+
+def big_file_start(client: httpx.Client, model: str, path: Path, timeout: float) -> dict:
+    """Upload `path`, start a default job on it, and time its claim -> first step; then cancel it."""
+    started = time.time()
+    with open(path, "rb") as f:
+        file_id = ok(client.post("/v1/files", files={"file": f}, data={"purpose": "fine-tune"}))["id"]
+    upload_s = time.time() - started
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}
+    job = ok(
+        client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id, "method": method})
+    )
+    created = time.time()
+    while True:
+        if time.time() - created > timeout:
+            raise RuntimeError(f"job {job['id']} took no step in {timeout:.0f} s")
+        page = ok(client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 20}))
+        first = [e for e in page["data"] if (e.get("data") or {}).get("since_claim_s") is not None]
+        if first:
+            break
+        status = ok(client.get(f"/v1/fine_tuning/jobs/{job['id']}"))["status"]
+        if status in ("failed", "cancelled"):
+            raise RuntimeError(f"job {job['id']} {status}")
+        time.sleep(1)
+    ok(client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"))
+    size = path.stat().st_size
+    return {
+        "file_bytes": size,
+        "upload_s": round(upload_s, 1),
+        "upload_mb_per_s": round(size / 1e6 / upload_s, 1),
+        "job_start_s": first[0]["data"]["since_claim_s"],
+        "created_to_first_step_s": round(time.time() - created, 1),
+        "cpu_cores": os.cpu_count(),
+    }
 
 
 def events(client: httpx.Client, job_id: str) -> list[dict]:
@@ -150,6 +211,7 @@ def main():
     )
     ap.add_argument("--port", type=int, default=8767)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each job may take")
+    ap.add_argument("--big-file-mb", type=int, help="time a job's start on a file of this many MB instead")
     a = ap.parse_args()
     shape = "tiny" if a.device == "cpu" else a.model_shape
     checkpoint, vocab = Path(build_checkpoint(shape)), SHAPES[shape][1]["vocab_size"]
@@ -157,7 +219,10 @@ def main():
     base = checkpoint.name
     data_dir = Path(tempfile.mkdtemp(prefix="tf-job-"))
     data = data_dir / "train.jsonl"
-    file_tokens = write_examples(data, a.examples, vocab)
+    if a.big_file_mb:
+        rows = write_big_file(data, a.big_file_mb, vocab)
+    else:
+        file_tokens = write_examples(data, a.examples, vocab)
     env = dict(
         os.environ,
         TUNEFORGE_DATA_DIR=str(data_dir),
@@ -176,6 +241,13 @@ def main():
         wait_until(lambda: api_ready(url), procs, "tuneforge api")
         wait_until(lambda: " started" in procs["worker"][1].read_text(), procs, "tuneforge worker")
         headers = {"Authorization": f"Bearer {key}"}
+        if a.big_file_mb:
+            with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+                big = {"rows": rows, **big_file_start(client, base, data, a.timeout)}
+            print("big_file", json.dumps(big), flush=True)
+            if a.device == "cuda":
+                merge("train", {"big_file_job_start_s": big["job_start_s"], "big_file": big})
+            return
         with httpx.Client(base_url=url, headers=headers, timeout=600) as client, open(data, "rb") as f:
             file_id = ok(client.post("/v1/files", files={"file": f}, data={"purpose": "fine-tune"}))["id"]
             jobs = {}

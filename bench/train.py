@@ -14,6 +14,7 @@ runs the tiny shape instead (gloo ranks with --gpus): a smoke run that prints an
 
 import argparse
 import json
+import multiprocessing
 import random
 import subprocess
 import sys
@@ -45,6 +46,15 @@ def loss_at_tokens(traj, marks=(10_000, 20_000, 40_000, 80_000)):
         if hit is not None:
             out[str(m)] = round(hit, 4)
     return out
+
+
+def isolated(fn, *args):
+    """fn(*args) in a fresh Python process, so that neither recipe runs in what the other left behind
+    (its allocator cache, Python heap, threads). Tuneforge's step is host-bound: run after the seed in
+    one process it measured 37,748 tokens/s, where bench/profile_train.py's run of the same recipe in
+    a process of its own measured 44,972 (H200, 2026-12-02; docs/BENCHMARKS.md)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def run_seed(checkpoint, steps):
@@ -247,7 +257,7 @@ def main():
         return
     out = {}
     if a.only in (None, "seed") and a.device == "cuda":
-        s = run_seed(checkpoint, a.steps)
+        s = isolated(run_seed, checkpoint, a.steps)
         print("seed", json.dumps({k: v for k, v in s.items() if k != "loss_trajectory"}), flush=True)
         out.update(
             seed_tokens_per_s=round(s["tokens_per_s"], 1),
@@ -257,7 +267,7 @@ def main():
             seed_loss_at_tokens=loss_at_tokens(s["loss_trajectory"]),
         )
     if a.only in (None, "tuneforge"):
-        t = run_tuneforge(checkpoint, a.steps, a.batch_size, a.device, vocab)
+        t = isolated(run_tuneforge, checkpoint, a.steps, a.batch_size, a.device, vocab)
         print("tuneforge", json.dumps({k: v for k, v in t.items() if k != "loss_trajectory"}), flush=True)
         out.update(
             tuneforge_batch_size=a.batch_size,
