@@ -13,7 +13,9 @@ Estimated peak of a micro-batch of T tokens (gradient checkpointing per decoder 
 - the activations: ACTIVATION_BYTES per token, decoder layer and hidden unit, calibrated rather than
   derived: bench/train.py's peaks on an H200 (batch 128 of ~161-token examples, taken as ~22 rows of
   1024; TinyLlama-1.1B shape 7.0 GiB, Mistral-7B shape 20.7 GiB) less the terms above (estimated from
-  the shapes) leave 4.9 and 5.4 bytes; 6 keeps a margin. To re-check with GPU measurements.
+  the shapes) leave 4.9 and 5.4 bytes; 6 keeps a margin. With worker/fused_kernels.py the same runs
+  peak lower (5.4 and 15.5 GiB at 24k-token micro-batches, H200, 2026-12-02); the estimate keeps the
+  unfused figure, which the families those kernels do not cover still need.
 """
 
 from dataclasses import dataclass

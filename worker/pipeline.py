@@ -140,6 +140,7 @@ def load_base_model(base_model_dir: Path, device: str):
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
+    expand_double_quantization(model)
     if device == "cuda":
         # prepare_model_for_kbit_training upcasts every non-quantized weight (embeddings, norms,
         # lm_head) to fp32, which is there for fp16 training; with bf16 it only makes the residual
@@ -149,6 +150,26 @@ def load_base_model(base_model_dir: Path, device: str):
                 param.data = param.data.to(compute_dtype)
         use_fused_kernels(model)
     return model
+
+
+def expand_double_quantization(model) -> int:
+    """Dequantize each NF4 weight's double-quantized block scales once, here, rather than in every
+    forward, recompute and backward of the weight: the scales (absmax) are themselves 8-bit
+    blockwise-quantized, and bitsandbytes dequantizes them (two more ops and kernels) each time it
+    dequantizes the weight. The NF4 codes stay as loaded and every dequantized weight is bit for bit
+    the same; the price is the memory double quantization saved, 4 bytes per 64 weights (60 MB for
+    1.1B parameters, 0.44 GB for 7B). Returns how many weights it expanded."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    count = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or not state.nested:
+            continue
+        absmax = (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+        state.absmax, state.state2, state.offset, state.nested = absmax, None, None, False
+        count += 1
+    return count
 
 
 def fit_micro_batches(model, config: TrainConfig) -> TrainConfig:

@@ -184,3 +184,20 @@ def test_bench_train_runs_the_worker_recipe_and_counts_tokens(base_model_dir):
     assert result["steps"] == 4 and result["tokens"] == 3 * 2 * 30
     losses = [loss for _, loss in result["loss_trajectory"]]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_expanded_double_quantization_dequantizes_to_the_same_weights(base_model_dir, monkeypatch):
+    from bitsandbytes.functional import dequantize_4bit
+
+    expanded = pipeline.load_base_model(base_model_dir, "cpu")
+    monkeypatch.setattr(pipeline, "expand_double_quantization", lambda model: 0)
+    nested = pipeline.load_base_model(base_model_dir, "cpu")
+    pairs = [
+        (a.weight, b.weight)
+        for a, b in zip(expanded.modules(), nested.modules(), strict=True)
+        if getattr(getattr(a, "weight", None), "quant_state", None) is not None
+    ]
+    assert len(pairs) == 30 * 7  # every linear layer of SmolLM2's 30 decoder layers
+    assert not any(a.quant_state.nested for a, _ in pairs) and all(b.quant_state.nested for _, b in pairs)
+    for a, b in pairs[:: len(pairs) // 10]:
+        assert torch.equal(dequantize_4bit(a.data, a.quant_state), dequantize_4bit(b.data, b.quant_state))
