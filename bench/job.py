@@ -97,6 +97,7 @@ def big_file_start(client: httpx.Client, model: str, path: Path, timeout: float)
     with open(path, "rb") as f:
         file_id = ok(client.post("/v1/files", files={"file": f}, data={"purpose": "fine-tune"}))["id"]
     upload_s = time.time() - started
+    print(f"uploaded in {upload_s:.0f} s", flush=True)
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}
     job = ok(
         client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id, "method": method})
@@ -110,6 +111,9 @@ def big_file_start(client: httpx.Client, model: str, path: Path, timeout: float)
         if first:
             break
         status = ok(client.get(f"/v1/fine_tuning/jobs/{job['id']}"))["status"]
+        if status == "running" and "claimed" not in job:
+            job["claimed"] = time.time()
+            print(f"claimed {job['claimed'] - created:.0f} s after it was created", flush=True)
         if status in ("failed", "cancelled"):
             raise RuntimeError(f"job {job['id']} {status}")
         time.sleep(1)
@@ -220,7 +224,9 @@ def main():
     data_dir = Path(tempfile.mkdtemp(prefix="tf-job-"))
     data = data_dir / "train.jsonl"
     if a.big_file_mb:
+        started = time.time()
         rows = write_big_file(data, a.big_file_mb, vocab)
+        print(f"wrote {rows} rows in {time.time() - started:.0f} s", flush=True)
     else:
         file_tokens = write_examples(data, a.examples, vocab)
     env = dict(
