@@ -3,18 +3,19 @@
 setup: load the base model in 4-bit NF4 with double quantization, `prepare_model_for_kbit_training`
 (gradient checkpointing, use_reentrant=False), attach LoRA. The worker keeps the prepared base
 resident: the next job on the same base attaches its LoRA to it, and every job's LoRA is taken off
-again when the job ends (`ResidentBase`). train: AdamW with linear warmup/decay,
-loss on completion/assistant tokens only, optional packing, validation loss, metrics and
-checkpoints through `TrainingHooks`. One step is `batch_size` examples; they are laid out as rows
-of `max_seq_length` tokens (bin-packed, position ids restarting per example so attention is
-block-diagonal), rows are grouped into micro-batches of at most `micro_batch_tokens` (on CUDA sized to
-the model and the memory the run may use, worker/memory.py, up to `MICRO_BATCH_TOKENS`), and the loss
-is a chunked cross-entropy over the target positions only, so the vocabulary-wide logits never
-exist for a whole micro-batch. On CUDA the frozen weights run in bf16 under bf16 autocast,
-AdamW is fused, and Llama-family bases run Liger's RMSNorm, SwiGLU and rotary kernels
-(worker/fused_kernels.py). save: the adapter as safetensors; the training state
-(optimizer, scheduler, RNG, data position) as safetensors + JSON, never pickle, so a new attempt
-or a resumed job continues from the same step. Data-parallel (worker/distributed.py: the ranks of a
+again when the job ends (`ResidentBase`). train: AdamW with linear warmup/decay, loss on
+completion/assistant tokens only, optional packing, validation loss, metrics and checkpoints through
+`TrainingHooks`. One step is `batch_size` examples; they are laid out as rows of `max_seq_length`
+tokens (bin-packed, position ids restarting per example so attention is block-diagonal), rows are
+grouped into micro-batches of at most `micro_batch_tokens` (on CUDA sized to the model and the
+memory the run may use, worker/memory.py, up to `MICRO_BATCH_TOKENS`), and the loss is a chunked
+cross-entropy over the target positions only, so the vocabulary-wide logits never exist for a whole
+micro-batch. On CUDA the frozen weights run in bf16 under bf16 autocast, AdamW is fused, and
+Llama-family bases run Liger's RMSNorm, SwiGLU and rotary kernels and varlen flash attention over
+the packed examples (worker/fused_kernels.py); the NF4 weights' block scales are dequantized once at
+load (`expand_double_quantization`). save: the adapter as safetensors; the training state
+(optimizer, scheduler, RNG, data position) as safetensors + JSON, never pickle, so a new attempt or
+a resumed job continues from the same step. Data-parallel (worker/distributed.py: the ranks of a
 process group, which worker/ranks.py or torchrun starts), every rank trains its share of each step's
 examples and the gradients are summed over the ranks, so that together they take the step one
 process would take; rank 0's hooks are the ones that report and save.
