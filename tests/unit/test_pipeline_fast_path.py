@@ -189,15 +189,14 @@ def test_bench_train_runs_the_worker_recipe_and_counts_tokens(base_model_dir):
 def test_expanded_double_quantization_dequantizes_to_the_same_weights(base_model_dir, monkeypatch):
     from bitsandbytes.functional import dequantize_4bit
 
-    expanded = pipeline.load_base_model(base_model_dir, "cpu")
     monkeypatch.setattr(pipeline, "expand_double_quantization", lambda model: 0)
-    nested = pipeline.load_base_model(base_model_dir, "cpu")
-    pairs = [
-        (a.weight, b.weight)
-        for a, b in zip(expanded.modules(), nested.modules(), strict=True)
-        if getattr(getattr(a, "weight", None), "quant_state", None) is not None
-    ]
-    assert len(pairs) == 30 * 7  # every linear layer of SmolLM2's 30 decoder layers
-    assert not any(a.quant_state.nested for a, _ in pairs) and all(b.quant_state.nested for _, b in pairs)
-    for a, b in pairs[:: len(pairs) // 10]:
-        assert torch.equal(dequantize_4bit(a.data, a.quant_state), dequantize_4bit(b.data, b.quant_state))
+    model = pipeline.load_base_model(base_model_dir, "cpu")  # as loaded: double-quantized
+    monkeypatch.undo()
+    weights = [m.weight for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+    assert all(w.quant_state.nested for w in weights)
+    sample = weights[:: len(weights) // 10]
+    before = [dequantize_4bit(w.data, w.quant_state) for w in sample]
+    assert pipeline.expand_double_quantization(model) == len(weights) == 30 * 7  # SmolLM2's linears
+    assert not any(w.quant_state.nested for w in weights)
+    for w, expected in zip(sample, before, strict=True):
+        assert torch.equal(dequantize_4bit(w.data, w.quant_state), expected)
