@@ -141,8 +141,11 @@ def load_base_model(base_model_dir: Path, device: str):
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
-    expand_double_quantization(model)
     if device == "cuda":
+        # Not on CPU: there bitsandbytes repacks the weights for its AVX-512 kernels in eval mode
+        # (validation), expanding the scales itself, and training on after that went wrong with
+        # scales expanded beforehand (the fact-learning test's loss rose to 13).
+        expand_double_quantization(model)
         # prepare_model_for_kbit_training upcasts every non-quantized weight (embeddings, norms,
         # lm_head) to fp32, which is there for fp16 training; with bf16 it only makes the residual
         # stream, the checkpointed activations and the lm_head matmul fp32. Frozen, so back to bf16.
