@@ -102,7 +102,7 @@ def big_file_start(client: httpx.Client, model: str, path: Path, timeout: float)
     job = ok(
         client.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id, "method": method})
     )
-    created = time.time()
+    created, claimed = time.time(), None
     while True:
         if time.time() - created > timeout:
             raise RuntimeError(f"job {job['id']} took no step in {timeout:.0f} s")
@@ -111,9 +111,9 @@ def big_file_start(client: httpx.Client, model: str, path: Path, timeout: float)
         if first:
             break
         status = ok(client.get(f"/v1/fine_tuning/jobs/{job['id']}"))["status"]
-        if status == "running" and "claimed" not in job:
-            job["claimed"] = time.time()
-            print(f"claimed {job['claimed'] - created:.0f} s after it was created", flush=True)
+        if status == "running" and claimed is None:
+            claimed = time.time()
+            print(f"claimed {claimed - created:.0f} s after it was created", flush=True)
         if status in ("failed", "cancelled"):
             raise RuntimeError(f"job {job['id']} {status}")
         time.sleep(1)

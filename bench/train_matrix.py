@@ -1,7 +1,8 @@
 """Configuration matrix + torch.profiler for the Tuneforge training path (one process, GPU 0).
 
-python3 bench/train_matrix.py [--steps 12]   -> prints one JSON line per config, profile tables,
-merges train.matrix into docs/benchmarks/latest.json.
+python3 bench/train_matrix.py [--steps 12] [--profile]  -> prints one JSON line per config, merges
+train.matrix into docs/benchmarks/latest.json; --profile adds bench/profile_train.py's profile of the
+worker's default step (top kernels, GPU time by kernel family).
 """
 
 import argparse
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import profile_train
 from bench._results import merge
 from bench.shapes import build_checkpoint, checkpoint_path
 from bench.train import WARM, loss_at_tokens, synthetic_examples
@@ -57,34 +59,6 @@ def run(name, hp, budget, kind, steps, data):
     return r
 
 
-def profile(data, batch_size=128):
-    """Two steps of the fast path under torch.profiler, top CUDA kernels."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
-    config = pipeline.bench_config(CKPT, batch_size=batch_size)
-    model = pipeline.attach_lora(pipeline.load_base_model(config.base_model_dir, "cuda"), config)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = pipeline.make_optimizer(trainable, config)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    ex = [pipeline.Example(ids, list(ids)) for ids in data]
-    for s in range(2):
-        pipeline.train_step(model, ex[s * batch_size : (s + 1) * batch_size], 2, config)
-        pipeline.optimizer_step(trainable, opt, sched)
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        for s in range(2, 4):
-            pipeline.train_step(model, ex[s * batch_size : (s + 1) * batch_size], 2, config)
-            pipeline.optimizer_step(trainable, opt, sched)
-        torch.cuda.synchronize()
-    print(
-        p.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True
-    )
-    del model, opt
-    torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
@@ -107,7 +81,8 @@ def main():
             torch.cuda.empty_cache()
     merge("train", {"matrix": results})
     if a.profile:
-        profile(data)
+        # The step of the worker's default configuration, as bench/profile_train.py profiles it.
+        print(json.dumps(profile_train.profile(CKPT, data, 128, {}, pipeline.load_base_model)), flush=True)
 
 
 if __name__ == "__main__":

@@ -402,10 +402,12 @@ def micro_batch_loss_sum(model, batch: dict, device: str) -> torch.Tensor:
     most LOSS_CHUNK_TOKENS x vocab logits exist at a time (in forward and in backward)."""
     base = model.get_base_model()
     max_seqlen = batch["max_seqlen"]
-    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    if device == "cuda":  # from pinned memory the copy is asynchronous: no wait for the GPU here
-        batch = {k: v.pin_memory() for k, v in batch.items()}
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # From pinned memory the copy to the GPU is asynchronous: no wait for the GPU here.
+    batch = {
+        k: (v.pin_memory() if device == "cuda" else v).to(device, non_blocking=True)
+        for k, v in batch.items()
+        if isinstance(v, torch.Tensor)
+    }
     packed = {}
     if base.config._attn_implementation == ATTENTION:  # inside fused_training
         packed = {"tuneforge_cu_seqlens": batch["cu_seqlens"], "tuneforge_max_seqlen": max_seqlen}
