@@ -8,6 +8,7 @@ the host time of those steps. Variants change one thing each, to see what it is 
   default      what the worker runs
   unfused      without worker/fused_kernels.py (transformers' norms, MLP, rotary and SDPA)
   nodropout    lora_dropout 0
+  peftdropout  LoRA dropout as PEFT runs it (a dropout kernel, then lora_A), not worker/lora_dropout.py
   nockptN      no gradient checkpointing, MICRO_BATCH_TOKENS N (default 4096)
 Prints one JSON line per variant; merges nothing.
 """
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.shapes import SHAPES, build_checkpoint
 from bench.train import WARM, synthetic_examples
-from worker import pipeline
+from worker import lora_forward, pipeline
 
 FAMILIES = [
     ("dequantize", ("dequantize", "kDequant")),
@@ -48,6 +49,8 @@ def variant_settings(name: str):
         return {}, pipeline.MICRO_BATCH_TOKENS, None, True
     if name == "unfused":
         return {}, pipeline.MICRO_BATCH_TOKENS, None, False
+    if name == "peftdropout":
+        return {}, pipeline.MICRO_BATCH_TOKENS, None, True
     if name == "nodropout":
         return {"lora_dropout": 0.0}, pipeline.MICRO_BATCH_TOKENS, None, True
     if name.startswith("nockpt"):
@@ -59,7 +62,7 @@ def variant_settings(name: str):
 def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
     hp, budget, hook, fused = variant_settings(name)
     original_load, original_budget = pipeline.load_base_model, pipeline.MICRO_BATCH_TOKENS
-    original_fused = pipeline.use_fused_kernels
+    original_fused, original_fusable = pipeline.use_fused_kernels, lora_forward._fusable
 
     def load(base_dir, device):
         model = original_load(base_dir, device)
@@ -70,6 +73,8 @@ def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
     pipeline.load_base_model, pipeline.MICRO_BATCH_TOKENS = load, budget
     if not fused:
         pipeline.use_fused_kernels = lambda model: 0
+    if name == "peftdropout":
+        lora_forward._fusable = lambda x, lora_A: False
     try:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -88,7 +93,7 @@ def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
         torch.cuda.empty_cache()
     finally:
         pipeline.load_base_model, pipeline.MICRO_BATCH_TOKENS = original_load, original_budget
-        pipeline.use_fused_kernels = original_fused
+        pipeline.use_fused_kernels, lora_forward._fusable = original_fused, original_fusable
     print(json.dumps(result), flush=True)
     return result
 
@@ -131,8 +136,11 @@ def profile(checkpoint, data, batch_size, hp, load):
     busy = sum(by_family.values()) / 1e6
     attn = model.config._attn_implementation
     top.sort(reverse=True)
-    for us, count, key in top[:15]:
-        print(f"  {us / 2e3:9.1f} ms/step {count // 2:6d}x  {key}", flush=True)
+    others = [t for t in top if family(t[2]) == "other"]
+    for title, rows in (("all kernels", top), ('"other"', others)):
+        print(f"  top {title}:", flush=True)
+        for us, count, key in rows[:20]:
+            print(f"  {us / 2e3:9.1f} ms/step {count // 2:6d}x  {key}", flush=True)
     return {
         "attn_implementation": attn,
         "profiled_host_s_per_step": round(host / 2, 4),

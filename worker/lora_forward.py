@@ -6,7 +6,8 @@ besides the two small LoRA GEMMs, that is a copy, a multiply and an add over the
 checkpointed recompute, and the multiply once more in backward. Here the scale and the add are
 folded into one `addmm` (the GEMM epilogue does them) and the defensive clone is dropped, since
 nothing is written in place. Same parameters, same math, same saved adapter: only the rounding of
-the bf16 sum differs (addmm accumulates in fp32). Anything but the single plain adapter of a
+the bf16 sum differs (addmm accumulates in fp32). On CUDA the input dropout and lora_A are one
+kernel in training (worker/lora_dropout.py). Anything but the single plain adapter of a
 training run (merged, disabled, mixed-batch `adapter_names`, DoRA and other variants) runs PEFT's
 own forward."""
 
@@ -33,7 +34,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != lora_A.weight.dtype:
         return type(self).forward(self, x)
     result = self.base_layer(x)
-    hidden = lora_A(self.lora_dropout[name](x))
+    dropout = self.lora_dropout[name]
+    if self.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and _fusable(x, lora_A):
+        from worker.lora_dropout import dropout_shrink
+
+        hidden = dropout_shrink(x, lora_A.weight, dropout.p)
+    else:
+        hidden = lora_A(dropout(x))
     out = torch.addmm(
         result.reshape(-1, result.shape[-1]),
         hidden.reshape(-1, hidden.shape[-1]),
@@ -41,6 +48,16 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         alpha=self.scaling[name],
     )
     return out.view(result.shape)
+
+
+def _fusable(x: torch.Tensor, lora_A: torch.nn.Module) -> bool:
+    """Whether the dropout and lora_A run as one kernel (worker/lora_dropout.py): on CUDA, bf16 or
+    fp16 inputs, a plain bias-free lora_A."""
+    if not x.is_cuda or type(lora_A) is not torch.nn.Linear or lora_A.bias is not None:
+        return False
+    from worker.lora_dropout import supported
+
+    return supported(x, lora_A.weight)
 
 
 def use_fused_lora_forward(model) -> int:
