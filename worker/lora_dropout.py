@@ -35,6 +35,7 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
+        and 0 < x.numel()
         and x.numel() + BLOCK_M * x.shape[-1] <= MAX_ELEMENTS
         and weight.shape[0] <= 128
     )
