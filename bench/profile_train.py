@@ -44,23 +44,24 @@ def family(name: str) -> str:
 
 
 def variant_settings(name: str):
-    """(hyperparameters, MICRO_BATCH_TOKENS, model hook, fused kernels on) for a variant."""
+    """(hyperparameters, MICRO_BATCH_TOKENS, model hook, fused kernels on, fused dropout on) for a
+    variant."""
     if name == "default":
-        return {}, pipeline.MICRO_BATCH_TOKENS, None, True
+        return {}, pipeline.MICRO_BATCH_TOKENS, None, True, True
     if name == "unfused":
-        return {}, pipeline.MICRO_BATCH_TOKENS, None, False
+        return {}, pipeline.MICRO_BATCH_TOKENS, None, False, True
     if name == "peftdropout":
-        return {}, pipeline.MICRO_BATCH_TOKENS, None, True
+        return {}, pipeline.MICRO_BATCH_TOKENS, None, True, False
     if name == "nodropout":
-        return {"lora_dropout": 0.0}, pipeline.MICRO_BATCH_TOKENS, None, True
+        return {"lora_dropout": 0.0}, pipeline.MICRO_BATCH_TOKENS, None, True, True
     if name.startswith("nockpt"):
         tokens = int(name.removeprefix("nockpt") or 4096)
-        return {}, tokens, lambda model: model.gradient_checkpointing_disable(), True
+        return {}, tokens, lambda model: model.gradient_checkpointing_disable(), True, True
     raise SystemExit(f"unknown variant {name}")
 
 
 def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
-    hp, budget, hook, fused = variant_settings(name)
+    hp, budget, hook, fused, fused_dropout = variant_settings(name)
     original_load, original_budget = pipeline.load_base_model, pipeline.MICRO_BATCH_TOKENS
     original_fused, original_fusable = pipeline.use_fused_kernels, lora_forward._fusable
 
@@ -73,8 +74,8 @@ def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
     pipeline.load_base_model, pipeline.MICRO_BATCH_TOKENS = load, budget
     if not fused:
         pipeline.use_fused_kernels = lambda model: 0
-    if name == "peftdropout":
-        lora_forward._fusable = lambda x, lora_A: False
+    if not fused_dropout:
+        lora_forward._fusable = lambda x, lora_A, dropout: False
     try:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

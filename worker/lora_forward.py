@@ -35,7 +35,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x)
     result = self.base_layer(x)
     dropout = self.lora_dropout[name]
-    if self.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and _fusable(x, lora_A):
+    if _fusable(x, lora_A, dropout):
         from worker.lora_dropout import dropout_shrink
 
         hidden = dropout_shrink(x, lora_A.weight, dropout.p)
@@ -50,9 +50,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out.view(result.shape)
 
 
-def _fusable(x: torch.Tensor, lora_A: torch.nn.Module) -> bool:
-    """Whether the dropout and lora_A run as one kernel (worker/lora_dropout.py): on CUDA, bf16 or
-    fp16 inputs, a plain bias-free lora_A."""
+def _fusable(x: torch.Tensor, lora_A: torch.nn.Module, dropout: torch.nn.Module) -> bool:
+    """Whether the dropout and lora_A run as one kernel (worker/lora_dropout.py): a dropout that
+    drops (training, p > 0), on CUDA, bf16 or fp16 inputs, a plain bias-free lora_A."""
+    if not (isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0):
+        return False
     if not x.is_cuda or type(lora_A) is not torch.nn.Linear or lora_A.bias is not None:
         return False
     from worker.lora_dropout import supported

@@ -361,7 +361,7 @@ def micro_batches(examples: list[Example], pad_id: int, config: TrainConfig) -> 
     for start in range(0, len(rows), rows_per_batch):
         chunk = rows[start : start + rows_per_batch]
         ids = np.full((len(chunk), width), pad_id, dtype=np.int64)
-        positions = np.tile(np.arange(width, dtype=np.int64), (len(chunk), 1))
+        positions = np.empty((len(chunk), width), dtype=np.int64)  # every row written below
         index, targets, bounds = [], [], [0]
         for r, row in enumerate(chunk):
             used = 0
