@@ -1,8 +1,10 @@
-"""Profile the inference engine in-process (no HTTP) on a TinyLlama-1.1B-shaped model with random
-bf16 weights and 8 random LoRA adapters (r=16, all linear): tokens/s at 1/16/64 concurrent
-requests, time to first token, adapter cold-load time, and a torch.profiler table of decode steps.
+"""Profile the inference engine in-process (no HTTP) on a model shape with random bf16 weights
+(TinyLlama-1.1B by default) and 8 random LoRA adapters (r=16, all linear): tokens/s at 1/16/64
+concurrent requests, time to first token, adapter cold-load time, the GPU time of one decode step
+(its CUDA graph replayed back to back, no host work between), and torch.profiler's kernel tables
+of decode steps at batch 1, 16 and 64 (decode_kernels_b*.txt).
 
-    PYTHONPATH=$PWD python bench/profile_engine.py --out /tmp/out [--tokenizer DIR]
+    PYTHONPATH=$PWD python bench/profile_engine.py --out /tmp/out [--model-shape mistral7b] [--tokenizer DIR]
 
 The tokenizer (only used to turn generated ids into text) defaults to the embedded model's."""
 
@@ -28,9 +30,9 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 PROMPT_TOKENS, NEW_TOKENS = 48, 64
 
 
-def build_model(directory: Path, tokenizer_dir: Path) -> None:
-    """The benchmarks' TinyLlama-shaped random checkpoint, plus a tokenizer for the engine."""
-    build_checkpoint("tinyllama", str(directory))
+def build_model(shape: str, directory: Path, tokenizer_dir: Path) -> None:
+    """One of the benchmarks' random checkpoints, plus a tokenizer for the engine."""
+    build_checkpoint(shape, str(directory))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer_dir / name, directory / name)
 
@@ -94,15 +96,16 @@ def main() -> None:
         "--tokenizer", type=Path, default=Path(".tuneforge-test-cache/base_models/SmolLM2-135M-Instruct")
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/tf-profile"))
+    parser.add_argument("--model-shape", choices=["tinyllama", "mistral7b"], default="tinyllama")
     parser.add_argument("--eager", action="store_true", help="also measure without CUDA graphs")
     parser.add_argument(
         "--base", type=Path, help="an existing checkpoint with a tokenizer (skips building one)"
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    base_dir = args.base or args.work / "tinyllama"
+    base_dir = args.base or args.work / args.model_shape
     if not (base_dir / "config.json").exists():
-        build_model(base_dir, args.tokenizer)
+        build_model(args.model_shape, base_dir, args.tokenizer)
     adapters_root = args.work / "adapters"
     shutil.rmtree(adapters_root, ignore_errors=True)
     adapters_root.mkdir(parents=True)
@@ -119,7 +122,11 @@ def main() -> None:
     )
     engine = Engine(settings)
     engine.start()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model_shape": args.model_shape,
+    }
     log = open(args.out / "log.txt", "w")
 
     def record(name, value):
@@ -190,32 +197,43 @@ def main() -> None:
     phases["file_mb"] = round(len(data) / 1e6, 1)
     record("loader_phases_ms", phases)
 
-    # Profile ~30 decode steps at 16 concurrent.
+    # The GPU time of a decode step: the captured graph of each batch bucket (the narrowest
+    # block-table width, which holds these requests' 112 tokens) replayed back to back.
+    graphs = {key[1:]: graph for key, (graph, _) in engine.decoder._graphs.items() if key[0] == "decode"}
+    graph_ms = {}
+    for (batch, width), graph in sorted(graphs.items()):
+        if width == min(w for _, w in graphs):
+            graph.replay()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(50):
+                graph.replay()
+            torch.cuda.synchronize()
+            graph_ms[batch] = round(1000 * (time.perf_counter() - t) / 50, 3)
+    record("decode_graph_ms", graph_ms)
+
+    # Where a decode step's GPU time goes, per kernel: the same steps run eagerly (the kernels a
+    # graph replays), 10 of each batch size.
     from torch.profiler import ProfilerActivity, profile
 
-    async def profiled():
-        task = asyncio.create_task(closed_loop(engine, refs, 16, 1, seed=9))
-        await asyncio.sleep(0.15)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            await asyncio.sleep(0.3)
-        await task
-        return prof
+    decoder, out = engine.decoder, args.out
+    decoder.use_graphs = False
+    for batch in (1, 16, 64):
+        tables = [[0] * decoder.max_blocks] * batch
+        inputs = ([0] * batch, [100] * batch, [1 + i % 8 for i in range(batch)], tables)
+        with torch.inference_mode():
+            decoder.decode(*inputs).tokens()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    decoder.decode(*inputs).tokens()
+        (out / f"decode_kernels_b{batch}.txt").write_text(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+        )
+    decoder.use_graphs = True
 
-    prof = asyncio.run(profiled())
-    (args.out / "profile_c16.txt").write_text(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-        + "\n\n"
-        + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
-    )
     if args.eager:
         engine.decoder.use_graphs = False
         record("c16_eager", asyncio.run(closed_loop(engine, refs, 16, 2)))
-        prof = asyncio.run(profiled())
-        (args.out / "profile_c16_eager.txt").write_text(
-            prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-            + "\n\n"
-            + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-        )
         engine.decoder.use_graphs = True
     engine.stop()
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

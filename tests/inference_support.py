@@ -152,13 +152,11 @@ def prefill_rows(decoder, prompts: list[list[int]], slots: list[int]):
     return logits, greedy, blocks
 
 
-async def generate(engine, prompt, ref=None, max_tokens=8, on_token=None) -> str:
-    """Greedy text of one request straight to an in-process engine; on_token(text so far) per delta."""
-    stream = engine.submit(
-        GenerationRequest(
-            "test", engine.encode_prompt(prompt), SamplingParams(max_tokens, temperature=0.0), ref
-        )
-    )
+async def generate(engine, prompt, ref=None, max_tokens=8, on_token=None, **params) -> str:
+    """Text of one request straight to an in-process engine, greedy unless `params` (SamplingParams'
+    fields) say otherwise; on_token(text so far) per delta."""
+    params = SamplingParams(max_tokens, **{"temperature": 0.0, **params})
+    stream = engine.submit(GenerationRequest("test", engine.encode_prompt(prompt), params, ref))
     text = ""
     while True:
         event = await stream.get()

@@ -50,6 +50,7 @@ PREFILL_GRAPH_TOKENS = 4096
 # Attention reads block tables cut to a power of two of blocks, at least this many (128 tokens):
 # the decode kernel sizes its splits to the table's width.
 MIN_KEY_BLOCKS = 8
+DECODE_INPUTS = ("tokens", "positions", "slots", "sources")
 
 
 def _pow2(n: int) -> int:
@@ -78,6 +79,21 @@ class Chunk:
     start: int
     slot: int
     blocks: list[int]
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """A launched decode step. `logits` (rows, vocab) are valid until the next step is launched;
+    `tokens()` waits for the step and gives its rows' greedy tokens."""
+
+    logits: torch.Tensor
+    greedy: torch.Tensor  # on the host once `done` has happened
+    done: "torch.cuda.Event | None"
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.greedy.tolist()
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
@@ -144,11 +160,27 @@ class BatchDecoder:
         alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         self.k = [alloc(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v = [alloc(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        # Static inputs of the decode step (rows past the batch stay zero: the scratch block).
-        self.tokens = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
-        self.slots = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+        # Static inputs of the decode step, one row each: token ids, positions, pool slots, and
+        # where a token comes from instead (its row in the previous step's output, or -1). Rows
+        # past the batch read the scratch block.
+        self.inputs = torch.zeros(len(DECODE_INPUTS), self.max_rows, dtype=torch.long, device=self.device)
+        self.tokens, self.positions, self.slots, self.sources = self.inputs
         self.tables = torch.zeros(self.max_rows, self.max_blocks, dtype=torch.int32, device=self.device)
+        # Each decode step's greedy tokens, where the next step reads the tokens it feeds back.
+        self.feedback = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
+        # Host staging, two of each: a step's inputs are written while the previous step's copies
+        # may still be in flight, and its tokens land while the previous step's are being read.
+        pin = self.device.type == "cuda"
+        self._staging = [
+            (
+                torch.zeros(len(DECODE_INPUTS), self.max_rows, dtype=torch.long, pin_memory=pin),
+                torch.zeros(self.max_rows, self.max_blocks, dtype=torch.int32, pin_memory=pin),
+                torch.zeros(self.max_rows, dtype=torch.long, pin_memory=pin),
+            )
+            for _ in range(2)
+        ]
+        self._staging_free: list[torch.cuda.Event | None] = [None, None]
+        self._steps = 0
         self.use_graphs = self.device.type == "cuda"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_version = None
@@ -304,26 +336,45 @@ class BatchDecoder:
 
     # --- decode ---
 
-    def decode(self, tokens: list[int], positions: list[int], slots: list[int], tables):
-        """One step for rows 0..n-1: token i sits at position positions[i] of row i, whose blocks
-        are tables[i] (a sequence of block ids, or an (n, max_blocks) int32 array). Returns
-        (logits, greedy tokens) for the n rows."""
+    def decode(self, tokens, positions, slots, tables, sources=None) -> "DecodeStep":
+        """Launch one step for rows 0..n-1: token i sits at position positions[i] of row i, whose
+        blocks are tables[i] (a sequence of block ids, or an (n, max_blocks) int32 array). Where
+        sources[i] >= 0 the token is instead the greedy token of row sources[i] of the previous
+        decode step, read on the device: the step can be launched before the host has seen the
+        previous one's tokens. Returns without waiting for the device."""
         n = len(tokens)
         batch = _pow2(n)
-        pad = [0] * (batch - n)
-        self.tokens[:batch].copy_(torch.tensor(tokens + pad), non_blocking=True)
-        self.positions[:batch].copy_(torch.tensor(positions + pad), non_blocking=True)
-        self.slots[:batch].copy_(torch.tensor(slots + pad), non_blocking=True)
-        host = torch.zeros(batch, self.max_blocks, dtype=torch.int32)
+        pad = batch - n
+        which = self._steps % 2
+        self._steps += 1
+        staged, host_tables, host_tokens = self._staging[which]
+        if self._staging_free[which] is not None:
+            self._staging_free[which].synchronize()  # the step before last is done with them
+        staged[:, :batch] = torch.tensor(
+            [
+                [*tokens, *[0] * pad],
+                [*positions, *[0] * pad],
+                [*slots, *[0] * pad],
+                [*(sources or [-1] * n), *[-1] * pad],
+            ]
+        )
         if isinstance(tables, torch.Tensor):
-            host[:n] = tables[:n]
+            host_tables[:n] = tables
         else:
+            host_tables[:n] = 0
             for row, blocks in enumerate(tables):
-                host[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.tables[:batch].copy_(host, non_blocking=True)
+                host_tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        host_tables[n:batch] = 0
+        self.inputs[:, :batch].copy_(staged[:, :batch], non_blocking=True)
+        self.tables[:batch].copy_(host_tables[:batch], non_blocking=True)
         width = self._width(max(positions) + 1)
         logits, greedy = self._run(("decode", batch, width), lambda: self._decode_static(batch, width))
-        return logits[:n], greedy[:n]
+        if self.device.type != "cuda":
+            return DecodeStep(logits[:n], greedy[:n], None)
+        host_tokens[:n].copy_(greedy[:n], non_blocking=True)
+        done = self._staging_free[which] = torch.cuda.Event()
+        done.record()
+        return DecodeStep(logits[:n], host_tokens[:n], done)
 
     def _width(self, keys: int) -> int:
         """Block-table width (blocks) that attention reads for rows of up to `keys` keys."""
@@ -340,8 +391,12 @@ class BatchDecoder:
             )
             return o.reshape(batch, -1)
 
-        x, pending = self._forward(self.tokens[:batch], positions, self.slots[:batch], cache_slots, attend)
-        return self._head(x, pending)
+        sources = self.sources[:batch]
+        tokens = torch.where(sources >= 0, self.feedback[sources.clamp(min=0)], self.tokens[:batch])
+        x, pending = self._forward(tokens, positions, self.slots[:batch], cache_slots, attend)
+        logits, greedy = self._head(x, pending)
+        self.feedback[:batch].copy_(greedy)
+        return logits, greedy
 
     # --- CUDA graphs ---
 
@@ -351,7 +406,9 @@ class BatchDecoder:
             return step()
         if self.pool.version != self._graph_version:
             # The pool's buffers were reallocated: graphs read the old ones. A memory pool whose
-            # graphs are all gone cannot be captured into again: start a new one.
+            # graphs are all gone cannot be captured into again: start a new one. A step still
+            # running may be replaying one of them: it finishes first.
+            torch.cuda.synchronize(self.device)
             self._graphs.clear()
             self._graph_pool = None
             self._graph_version = self.pool.version

@@ -11,7 +11,9 @@ prompt takes several turns, with decode steps between them), appends the sequenc
 in the cache to the running batch, then runs one decode step for every running sequence at once
 (`BatchDecoder`: a paged KV cache, each row at its own positions, so a row computes the same thing
 alone or next to others; on CUDA the decode step is a replayed CUDA graph). Greedy tokens come back
-for the whole batch in one transfer. When a growing sequence finds no free block, the most recently
+for the whole batch in one transfer, and the host reads them while the next step already runs: that
+step is launched first, taking greedy rows' tokens from the device (a row that has just ended has
+one step computed in vain, read past). A step with a sampled row is read before the next launch. When a growing sequence finds no free block, the most recently
 admitted sequence gives its blocks up and waits to be prefilled again, its tokens so far included
 (recompute preemption, as in vLLM): nothing is reserved for the longest context."""
 
@@ -109,6 +111,14 @@ class Sequence:
     prefilled: int = 0
     context: list[int] = field(default_factory=list)
     admitted: int = 0  # admission order: the latest gives its blocks up first
+    # This row's block ids, as the decoder's block table holds them.
+    table: torch.Tensor | None = None
+    # Decode tokens launched (the prefill's first token included) and, of them, those whose step
+    # the host has not read yet; `row` is the sequence's row in the newest launched step.
+    issued: int = 0
+    unread: int = 0
+    row: int = -1
+    done: bool = False  # finished or cancelled: a step still running for it is read past
 
 
 class BlockAllocator:
@@ -155,6 +165,8 @@ class Engine:
         # Admitted, prompt not yet all in the cache (failed with the batch if a forward pass raises).
         self.prefilling: list[Sequence] = []
         self._admissions = 0
+        # The decode step launched last and not read yet, with its rows: (sequences, DecodeStep).
+        self.inflight: tuple[list[Sequence], object] | None = None
         # Events for the handlers, sent to their event loops together by `_send_events`.
         self.outbox: list[tuple[ResultStream, object]] = []
 
@@ -233,7 +245,6 @@ class Engine:
             self.settings.prefill_chunk_tokens,
         )
         self.blocks = BlockAllocator(self.decoder.num_blocks)
-        self.table = torch.zeros(self.decoder.max_rows, self.decoder.max_blocks, dtype=torch.int32)
         with torch.inference_mode():
             self.decoder.warm_up()
         eos = self.model.generation_config.eos_token_id
@@ -318,9 +329,8 @@ class Engine:
         self._drop_cancelled()
         INFERENCE_WAITING.set(len(self.waiting))
         INFERENCE_RUNNING.set(len(self.running))
-        if self.running:
+        if self.running or self.inflight:
             self._grow_blocks()
-        if self.running:
             self._decode_step()
         elif not admitted and not self.prefilling:
             self._wake.wait(timeout=1.0)
@@ -383,7 +393,7 @@ class Engine:
             tokens = seq.context[seq.prefilled : seq.prefilled + take]
             batch.append((seq, Chunk(tokens, seq.prefilled, seq.slot, seq.blocks)))
         logits, greedy = self.decoder.prefill([chunk for _, chunk in batch])
-        greedy = greedy.tolist()
+        greedy = greedy.tolist()  # waits for the device, the decode step in flight included
         now = time.monotonic()
         for i, (seq, chunk) in enumerate(batch):
             seq.prefilled += len(chunk.tokens)
@@ -400,71 +410,103 @@ class Engine:
             seq.detokenizer = Detokenizer(self.tokenizer)
             seq.token_counter = TOKENS_GENERATED.labels(seq.request.model)
             TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(now - seq.submitted_at)
-            if self._accept_token(seq, logits[i], greedy[i]):
+            if self._accept_token(seq, self._choose(seq, logits, i, greedy[i])):
+                seq.done = True
                 self._release(seq)
             else:
                 self._append_row(seq)
 
     def _append_row(self, seq: Sequence) -> None:
-        row = len(self.running)
+        seq.table = torch.zeros(self.decoder.max_blocks, dtype=torch.int32)
+        seq.table[: len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        seq.issued, seq.unread, seq.row = len(seq.generated), 0, -1
         self.running.append(seq)
-        self.table[row].zero_()
-        self.table[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
 
     def _grow_blocks(self) -> None:
-        """A block for every running row whose next token starts one; when none is free, the
-        latest admitted sequence gives its blocks up (preempted) until the rest fit."""
-        row = 0
-        while row < len(self.running):
-            seq = self.running[row]
-            if seq.length < len(seq.blocks) * BLOCK_SIZE:
-                row += 1
+        """A block for every row to decode whose next token starts one; when none is free, the
+        rows of the step in flight are read first (finished rows give theirs back), then the latest
+        admitted sequence gives its blocks up (preempted) until the rest fit."""
+        while True:
+            full = [s for s in self._to_decode() if s.length >= len(s.blocks) * BLOCK_SIZE]
+            for seq in full:
+                taken = self.blocks.take(1)
+                if taken is None:
+                    break
+                seq.table[len(seq.blocks)] = taken[0]
+                seq.blocks.append(taken[0])
+            else:
+                return
+            if self.inflight is not None:
+                self._read_inflight()
                 continue
-            taken = self.blocks.take(1)
-            if taken is None:
-                victim = max([*self.running, *self.prefilling], key=lambda s: s.admitted)
-                victim_row = self.running.index(victim) if victim in self.running else None
-                self._preempt(victim)
-                if victim_row is not None and victim_row < row:
-                    row -= 1
-                continue
-            self.table[row, len(seq.blocks)] = taken[0]
-            seq.blocks.append(taken[0])
-            row += 1
+            self._preempt(max([*self.running, *self.prefilling], key=lambda s: s.admitted))
 
     def _preempt(self, seq: Sequence) -> None:
         """Give the sequence's blocks and slot up; it waits, first in line, to be prefilled again
         with what it generated so far, then goes on where it stopped."""
-        if seq in self.running:
-            self._remove_rows([self.running.index(seq)])
-        else:
-            self.prefilling.remove(seq)
-            self._release(seq)
+        (self.running if seq in self.running else self.prefilling).remove(seq)
+        self._release(seq)
         if seq.generated:
             seq.context = seq.request.prompt_ids + seq.generated[:-1]
         seq.prefilled = 0
         self.waiting.insert(0, seq)
         INFERENCE_PREEMPTIONS.inc()
 
-    def _decode_step(self) -> None:
-        logits, greedy = self.decoder.decode(
-            [s.generated[-1] for s in self.running],
-            [s.length for s in self.running],
-            [s.slot for s in self.running],
-            self.table,
-        )
-        greedy = greedy.tolist()
-        finished = []
-        for row, seq in enumerate(self.running):
-            seq.length += 1
-            if self._accept_token(seq, logits[row], greedy[row]):
-                finished.append(row)
-        self._remove_rows(finished)
+    def _to_decode(self) -> list[Sequence]:
+        """Running rows that still need a token (the others' last one is in flight)."""
+        return [s for s in self.running if s.issued < s.request.params.max_new_tokens]
 
-    def _accept_token(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> bool:
-        """Record one sampled token and send its text; True when the sequence is finished."""
+    def _decode_step(self) -> None:
+        """Launch a step for the running rows, then read the step before it while this one runs:
+        a row whose newest token the host has not read yet takes it from the device. A step with
+        a sampled row is read at once (its token is drawn on the host from the logits)."""
+        rows = self._to_decode()
+        launched = None
+        if rows:
+            step = self.decoder.decode(
+                [s.generated[-1] for s in rows],
+                [s.length for s in rows],
+                [s.slot for s in rows],
+                torch.stack([s.table for s in rows]),
+                [s.row if s.unread else -1 for s in rows],
+            )
+            for row, seq in enumerate(rows):
+                seq.length += 1
+                seq.issued += 1
+                seq.unread += 1
+                seq.row = row
+            launched = (rows, step)
+        previous, self.inflight = self.inflight, launched
+        if previous is not None:
+            self._read(*previous)
+        if launched is not None and not all(s.request.params.greedy for s in rows):
+            self._read_inflight()
+
+    def _read_inflight(self) -> None:
+        previous, self.inflight = self.inflight, None
+        if previous is not None:
+            self._read(*previous)
+
+    def _read(self, rows: list[Sequence], step) -> None:
+        """Accept each row's token of a finished step; rows that are done leave the batch (a step
+        launched after this one may still compute theirs: it is read past)."""
+        greedy = step.tokens()
+        finished = []
+        for row, seq in enumerate(rows):
+            if seq.done:
+                continue
+            seq.unread -= 1
+            if self._accept_token(seq, self._choose(seq, step.logits, row, greedy[row])):
+                finished.append(seq)
+        self._retire(finished)
+
+    def _choose(self, seq: Sequence, logits: torch.Tensor, row: int, greedy: int) -> int:
         params = seq.request.params
-        token = greedy if params.greedy else sample_token(logits, params, seq.generator)
+        return greedy if params.greedy else sample_token(logits[row], params, seq.generator)
+
+    def _accept_token(self, seq: Sequence, token: int) -> bool:
+        """Record one token and send its text; True when the sequence is finished."""
+        params = seq.request.params
         seq.generated.append(token)
         is_eos = token in self.eos_ids
         finished = is_eos or len(seq.generated) >= params.max_new_tokens
@@ -483,24 +525,23 @@ class Engine:
         self._finish_metrics(seq, "completed")
         return True
 
-    def _remove_rows(self, rows: list[int]) -> None:
-        """Take rows out of the batch (their blocks and slots given back); the rest close up."""
-        if not rows:
+    def _retire(self, seqs: list[Sequence]) -> None:
+        """Finished or cancelled rows leave the batch; their blocks and slots are given back."""
+        if not seqs:
             return
-        for row in rows:
-            self._release(self.running[row])
-        gone = set(rows)
-        keep = [i for i in range(len(self.running)) if i not in gone]
-        self.running = [self.running[i] for i in keep]
-        self.table[: len(keep)] = self.table[keep].clone()
+        for seq in seqs:
+            seq.done = True
+            self._release(seq)
+        self.running = [s for s in self.running if not s.done]
 
     def _drop_cancelled(self) -> None:
-        rows = [i for i, s in enumerate(self.running) if s.stream.cancelled]
-        for row in rows:
-            self._finish_metrics(self.running[row], "cancelled")
-        self._remove_rows(rows)
+        cancelled = [s for s in self.running if s.stream.cancelled]
+        for seq in cancelled:
+            self._finish_metrics(seq, "cancelled")
+        self._retire(cancelled)
         for seq in [s for s in self.prefilling if s.stream.cancelled]:
             self.prefilling.remove(seq)
+            seq.done = True
             self._release(seq)
             self._finish_metrics(seq, "cancelled")
 
@@ -522,11 +563,11 @@ class Engine:
     def _fail_all(self, error: Exception) -> None:
         for seq in [*self.running, *self.prefilling]:
             self._release(seq)
-        self.table.zero_()
         for seq in [*self.running, *self.prefilling, *self.waiting]:
+            seq.done = True
             self._emit(seq, Failure(error))
             self._finish_metrics(seq, "failed")
-        self.running, self.prefilling, self.waiting = [], [], []
+        self.running, self.prefilling, self.waiting, self.inflight = [], [], [], None
 
     def _finish_metrics(self, seq: Sequence, outcome: str) -> None:
         INFERENCE_REQUESTS.labels(seq.request.model, outcome).inc()

@@ -104,18 +104,31 @@ def test_prefill_logits_equal_transformers(base_dir, tokenizer):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
-def greedy_run(decoder: BatchDecoder, prompts: list[list[int]], slots: list[int]):
-    """Prefill, then decode NEW_TOKENS - 1 steps, as the engine does: tokens per row and logits per step."""
+def greedy_run(decoder: BatchDecoder, prompts: list[list[int]], slots: list[int], ahead: bool = False):
+    """Prefill, then decode NEW_TOKENS - 1 steps, as the engine does: tokens per row and logits per
+    step. `ahead`: each step is launched before the last one is read, its tokens fed back on the
+    device (the engine's greedy rows)."""
     # Logits are copied: on CUDA they sit in a graph's output buffer, which its next replay overwrites.
     logits, greedy, blocks = prefill_rows(decoder, prompts, slots)
     tokens, steps = [[t] for t in greedy.tolist()], [logits.clone()]
     lengths = [len(p) for p in prompts]
-    for _ in range(NEW_TOKENS - 1):
-        logits, greedy = decoder.decode([row[-1] for row in tokens], lengths, slots, blocks)
-        for row, token in zip(tokens, greedy.tolist(), strict=True):
-            row.append(token)
+    previous = None
+    for i in range(NEW_TOKENS - 1):
+        sources = list(range(len(prompts))) if ahead and i else None
+        step = decoder.decode([row[-1] for row in tokens], lengths, slots, blocks, sources)
+        logits = step.logits.clone()
+        if previous is not None:
+            for row, token in zip(tokens, previous.tokens(), strict=True):
+                row.append(token)
+        previous = step if ahead else None
+        if not ahead:
+            for row, token in zip(tokens, step.tokens(), strict=True):
+                row.append(token)
         lengths = [n + 1 for n in lengths]
-        steps.append(logits.clone())
+        steps.append(logits)
+    if previous is not None:
+        for row, token in zip(tokens, previous.tokens(), strict=True):
+            row.append(token)
     return tokens, torch.stack(steps)
 
 
@@ -149,14 +162,15 @@ def test_cuda_graph_replay_equals_the_eager_forward_and_transformers(base_dir, t
                 },
             )
         runs = []
-        for graphs in (True, False):
+        for graphs, ahead in ((True, False), (False, False), (True, True)):
             decoder = BatchDecoder(model, pool, 4, CONTEXT, KV_BLOCKS)
             decoder.use_graphs = graphs
             decoder.warm_up()
-            runs.append(greedy_run(decoder, prompts, slots))
-    (graph_tokens, graph_logits), (eager_tokens, eager_logits) = runs
-    assert graph_tokens == eager_tokens
+            runs.append(greedy_run(decoder, prompts, slots, ahead))
+    (graph_tokens, graph_logits), (eager_tokens, eager_logits), (ahead_tokens, ahead_logits) = runs
+    assert graph_tokens == eager_tokens == ahead_tokens
     torch.testing.assert_close(graph_logits, eager_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ahead_logits, graph_logits, atol=0, rtol=0)
     assert graph_tokens[0] == out[0, len(prompts[0]) :].tolist()
 
 

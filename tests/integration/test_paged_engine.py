@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.core.metrics import INFERENCE_PREEMPTIONS
+from app.core.metrics import INFERENCE_PREEMPTIONS, INFERENCE_REQUESTS
 from app.core.settings import Settings
 from app.inference.engine import Engine
 from tests.conftest import link_base_model
@@ -57,6 +57,38 @@ def test_sequences_that_lose_their_blocks_resume_with_their_solo_text(data_dir, 
         assert len(tight.blocks.free) == tight.decoder.num_blocks - 1  # every block given back
     finally:
         tight.stop()
+
+
+@pytest.mark.slow
+def test_rows_ending_while_the_next_step_runs_leave_the_others_untouched(roomy):
+    """A greedy row's next step is launched before the host reads its token, so a row that ends
+    on a token (EOS, a stop string) has one more step computed, and read past. In one batch with
+    rows that end at other steps and a sampled row (its steps are read at once), every stream gets
+    its solo text, completes once, and every block comes back."""
+    requests = [
+        ("Write a poem about the sea", {"max_tokens": 40}),  # EOS after ~9 tokens
+        ("Once upon a time", {"max_tokens": 30, "stop": (" skyscrapers",)}),
+        ("List many colours:", {"max_tokens": 40}),
+        ("The history of Rome begins", {"max_tokens": 23}),
+        ("Hello", {"max_tokens": 3, "temperature": 0.9, "seed": 7}),
+        ("The history of Rome begins", {"max_tokens": 1}),
+    ]
+
+    async def solo():
+        return [await generate(roomy, prompt, **kw) for prompt, kw in requests]
+
+    async def together():
+        return await asyncio.gather(*(generate(roomy, prompt, **kw) for prompt, kw in requests))
+
+    alone = asyncio.run(solo())
+    assert alone[1].endswith(" towering") and len(roomy.tokenizer(alone[0])["input_ids"]) < 20
+    completed = INFERENCE_REQUESTS.labels("test", "completed")
+    for _ in range(2):
+        before = completed._value.get()
+        assert asyncio.run(together()) == alone
+        assert completed._value.get() == before + len(requests)  # each completes once
+    assert len(roomy.blocks.free) == roomy.decoder.num_blocks - 1
+    assert roomy.running == [] and roomy.inflight is None
 
 
 @pytest.mark.slow
