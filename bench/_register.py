@@ -13,6 +13,7 @@ from app.core.base_models import resolve_base_model
 from app.core.db import session_scope
 from app.core.migrate import upgrade
 from app.core.settings import get_settings
+from app.core.storage import open_store
 from app.services.adapter_import import import_adapter
 from app.services.keys import create_key, get_or_create_tenant
 
@@ -23,11 +24,12 @@ def main():
     settings = get_settings()
     upgrade(settings.resolved_database_url)
     base_dir = resolve_base_model(base, settings)
+    store = open_store(settings)
     with session_scope() as session:
         owner = get_or_create_tenant(session, tenant)
         _, key = create_key(session, tenant)
         models = [
-            import_adapter(session, settings, owner.id, tenant, name, Path(path), base, base_dir).id
+            import_adapter(session, store, owner.id, tenant, name, Path(path), base, base_dir).id
             for name, path in job["adapters"].items()
         ]
     json.dump({"key": key, "models": models}, sys.stdout)
