@@ -23,6 +23,7 @@ Gemma's norm placement, sliding windows, soft-capping, rope per layer type) is r
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,17 +84,65 @@ class Chunk:
 
 @dataclass(frozen=True)
 class DecodeStep:
-    """A launched decode step. `logits` (rows, vocab) are valid until the next step is launched;
-    `tokens()` waits for the step and gives its rows' greedy tokens."""
+    """A launched decode step of n rows. `logits` are valid until the next step is launched;
+    `tokens()` (until the step after next is) waits for the step and gives its greedy tokens."""
 
-    logits: torch.Tensor
-    greedy: torch.Tensor  # on the host once `done` has happened
+    padded_logits: torch.Tensor  # (batch bucket, vocab)
+    n: int
+    greedy: np.ndarray  # pinned host memory, written once `done` has happened
     done: "torch.cuda.Event | None"
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.padded_logits[: self.n]
 
     def tokens(self) -> list[int]:
         if self.done is not None:
             self.done.synchronize()
         return self.greedy.tolist()
+
+
+class _Staging:
+    """Host buffers of one decode step (pinned on CUDA) with numpy views, the device buffers'
+    views per batch bucket, and the event after which the step's tokens are on the host."""
+
+    def __init__(self, decoder: "BatchDecoder"):
+        pin = decoder.device.type == "cuda"
+        rows = decoder.max_rows
+        self.decoder = decoder
+        self.inputs = torch.zeros(len(DECODE_INPUTS), rows, dtype=torch.long, pin_memory=pin)
+        self.tables = torch.zeros(rows, decoder.max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.tokens = torch.zeros(rows, dtype=torch.long, pin_memory=pin)
+        self.inputs_np, self.tables_np = self.inputs.numpy(), self.tables.numpy()
+        self.tokens_np = self.tokens.numpy()
+        self.done = torch.cuda.Event() if pin else None
+        self.recorded = False
+        self._views: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def views(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """(device inputs, device tables, host inputs, host tables, host tokens) of `batch` rows."""
+        views = self._views.get(batch)
+        if views is None:
+            d = self.decoder
+            views = self._views[batch] = (
+                d.inputs[:, :batch],
+                d.tables[:batch],
+                self.inputs[:, :batch],
+                self.tables[:batch],
+                self.tokens[:batch],
+            )
+        return views
+
+    def wait(self) -> None:
+        """Until the last step that used these buffers is done with them."""
+        if self.recorded:
+            self.done.synchronize()
+
+    def record(self) -> "torch.cuda.Event | None":
+        if self.done is not None:
+            self.done.record()
+            self.recorded = True
+        return self.done
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
@@ -168,18 +217,9 @@ class BatchDecoder:
         self.tables = torch.zeros(self.max_rows, self.max_blocks, dtype=torch.int32, device=self.device)
         # Each decode step's greedy tokens, where the next step reads the tokens it feeds back.
         self.feedback = torch.zeros(self.max_rows, dtype=torch.long, device=self.device)
-        # Host staging, two of each: a step's inputs are written while the previous step's copies
-        # may still be in flight, and its tokens land while the previous step's are being read.
-        pin = self.device.type == "cuda"
-        self._staging = [
-            (
-                torch.zeros(len(DECODE_INPUTS), self.max_rows, dtype=torch.long, pin_memory=pin),
-                torch.zeros(self.max_rows, self.max_blocks, dtype=torch.int32, pin_memory=pin),
-                torch.zeros(self.max_rows, dtype=torch.long, pin_memory=pin),
-            )
-            for _ in range(2)
-        ]
-        self._staging_free: list[torch.cuda.Event | None] = [None, None]
+        # Two host stagings: a step's inputs are written while the previous step's copies may
+        # still be in flight, and its tokens land while the previous step's are being read.
+        self._staging = [_Staging(self) for _ in range(2)]
         self._steps = 0
         self.use_graphs = self.device.type == "cuda"
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -344,37 +384,31 @@ class BatchDecoder:
         previous one's tokens. Returns without waiting for the device."""
         n = len(tokens)
         batch = _pow2(n)
-        pad = batch - n
-        which = self._steps % 2
+        staging = self._staging[self._steps % 2]
         self._steps += 1
-        staged, host_tables, host_tokens = self._staging[which]
-        if self._staging_free[which] is not None:
-            self._staging_free[which].synchronize()  # the step before last is done with them
-        staged[:, :batch] = torch.tensor(
-            [
-                [*tokens, *[0] * pad],
-                [*positions, *[0] * pad],
-                [*slots, *[0] * pad],
-                [*(sources or [-1] * n), *[-1] * pad],
-            ]
-        )
-        if isinstance(tables, torch.Tensor):
+        staging.wait()
+        # Written through numpy: every torch call gives the GIL up, and on a busy event loop
+        # each costs this thread a wait to get it back (up to the switch interval).
+        inputs = staging.inputs_np
+        inputs[:, n:batch] = 0
+        inputs[3, n:batch] = -1
+        inputs[:3, :n] = (tokens, positions, slots)
+        inputs[3, :n] = -1 if sources is None else sources
+        host_tables = staging.tables_np
+        if isinstance(tables, np.ndarray):
             host_tables[:n] = tables
         else:
             host_tables[:n] = 0
             for row, blocks in enumerate(tables):
-                host_tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+                host_tables[row, : len(blocks)] = blocks
         host_tables[n:batch] = 0
-        self.inputs[:, :batch].copy_(staged[:, :batch], non_blocking=True)
-        self.tables[:batch].copy_(host_tables[:batch], non_blocking=True)
+        device_inputs, device_tables, host_inputs, host_tables, host_tokens = staging.views(batch)
+        device_inputs.copy_(host_inputs, non_blocking=True)
+        device_tables.copy_(host_tables, non_blocking=True)
         width = self._width(max(positions) + 1)
         logits, greedy = self._run(("decode", batch, width), lambda: self._decode_static(batch, width))
-        if self.device.type != "cuda":
-            return DecodeStep(logits[:n], greedy[:n], None)
-        host_tokens[:n].copy_(greedy[:n], non_blocking=True)
-        done = self._staging_free[which] = torch.cuda.Event()
-        done.record()
-        return DecodeStep(logits[:n], host_tokens[:n], done)
+        host_tokens.copy_(greedy, non_blocking=True)
+        return DecodeStep(logits, n, staging.tokens_np[:n], staging.record())
 
     def _width(self, keys: int) -> int:
         """Block-table width (blocks) that attention reads for rows of up to `keys` keys."""

@@ -1,21 +1,21 @@
-"""The inference engine: one resident base model owned by one thread that runs a continuous,
-mixed-adapter batch.
+"""The inference engine: one resident base model owned by one thread that runs a continuous, mixed-
+adapter batch.
 
 HTTP handlers `submit` a request and read its events from a `ResultStream` (an asyncio queue), so
-the event loop never waits on torch; the engine hands over each step's events for all streams in
-one thread-safe call, and text is detokenized incrementally (a few tokens per step, not the whole
-sequence). Each loop turn the engine thread admits
-waiting requests whose adapter sits in a pool slot (loads run on the loader thread meanwhile) and
-whose prompt fits the free KV blocks, prefills one chunk budget of the admitted prompts (a long
-prompt takes several turns, with decode steps between them), appends the sequences whose prompt is
-in the cache to the running batch, then runs one decode step for every running sequence at once
-(`BatchDecoder`: a paged KV cache, each row at its own positions, so a row computes the same thing
-alone or next to others; on CUDA the decode step is a replayed CUDA graph). Greedy tokens come back
-for the whole batch in one transfer, and the host reads them while the next step already runs: that
-step is launched first, taking greedy rows' tokens from the device (a row that has just ended has
-one step computed in vain, read past). A step with a sampled row is read before the next launch. When a growing sequence finds no free block, the most recently
-admitted sequence gives its blocks up and waits to be prefilled again, its tokens so far included
-(recompute preemption, as in vLLM): nothing is reserved for the longest context."""
+the event loop never waits on torch; the engine hands over each step's events for all streams in one
+thread-safe call, and text is detokenized incrementally (a few tokens per step, not the whole
+sequence). Each loop turn the engine thread admits waiting requests whose adapter sits in a pool
+slot (loads run on the loader thread meanwhile) and whose prompt fits the free KV blocks, prefills
+one chunk budget of the admitted prompts (a long prompt takes several turns, with decode steps
+between them), appends the sequences whose prompt is in the cache to the running batch, then runs
+one decode step for every running sequence at once (`BatchDecoder`: a paged KV cache, each row at
+its own positions, so a row computes the same thing alone or next to others; on CUDA the decode step
+is a replayed CUDA graph). Greedy tokens come back for the whole batch in one transfer, and the host
+reads them while the next step already runs: that step is launched first, taking greedy rows' tokens
+from the device (a row that has just ended has one step computed in vain, read past). A step with a
+sampled row is read before the next launch. When a growing sequence finds no free block, the most
+recently admitted sequence gives its blocks up and waits to be prefilled again, its tokens so far
+included (recompute preemption, as in vLLM): nothing is reserved for the longest context."""
 
 import asyncio
 import logging
@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,7 +113,7 @@ class Sequence:
     context: list[int] = field(default_factory=list)
     admitted: int = 0  # admission order: the latest gives its blocks up first
     # This row's block ids, as the decoder's block table holds them.
-    table: torch.Tensor | None = None
+    table: np.ndarray | None = None
     # Decode tokens launched (the prefill's first token included) and, of them, those whose step
     # the host has not read yet; `row` is the sequence's row in the newest launched step.
     issued: int = 0
@@ -417,8 +418,8 @@ class Engine:
                 self._append_row(seq)
 
     def _append_row(self, seq: Sequence) -> None:
-        seq.table = torch.zeros(self.decoder.max_blocks, dtype=torch.int32)
-        seq.table[: len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
+        seq.table = np.zeros(self.decoder.max_blocks, dtype=np.int32)
+        seq.table[: len(seq.blocks)] = seq.blocks
         seq.issued, seq.unread, seq.row = len(seq.generated), 0, -1
         self.running.append(seq)
 
@@ -467,7 +468,7 @@ class Engine:
                 [s.generated[-1] for s in rows],
                 [s.length for s in rows],
                 [s.slot for s in rows],
-                torch.stack([s.table for s in rows]),
+                np.stack([s.table for s in rows]),
                 [s.row if s.unread else -1 for s in rows],
             )
             for row, seq in enumerate(rows):
@@ -496,7 +497,7 @@ class Engine:
             if seq.done:
                 continue
             seq.unread -= 1
-            if self._accept_token(seq, self._choose(seq, step.logits, row, greedy[row])):
+            if self._accept_token(seq, self._choose(seq, step.padded_logits, row, greedy[row])):
                 finished.append(seq)
         self._retire(finished)
 
