@@ -109,7 +109,10 @@ class _Staging:
     def __init__(self, decoder: "BatchDecoder"):
         pin = decoder.device.type == "cuda"
         rows = decoder.max_rows
-        self.decoder = decoder
+        # The decoder's buffers, not the decoder: a reference cycle would leave these pinned
+        # buffers to the garbage collector, which may free them while a CUDA graph is captured
+        # (the pinned allocator's event calls then invalidate the capture).
+        self.device_inputs, self.device_tables = decoder.inputs, decoder.tables
         self.inputs = torch.zeros(len(DECODE_INPUTS), rows, dtype=torch.long, pin_memory=pin)
         self.tables = torch.zeros(rows, decoder.max_blocks, dtype=torch.int32, pin_memory=pin)
         self.tokens = torch.zeros(rows, dtype=torch.long, pin_memory=pin)
@@ -123,10 +126,9 @@ class _Staging:
         """(device inputs, device tables, host inputs, host tables, host tokens) of `batch` rows."""
         views = self._views.get(batch)
         if views is None:
-            d = self.decoder
             views = self._views[batch] = (
-                d.inputs[:, :batch],
-                d.tables[:batch],
+                self.device_inputs[:, :batch],
+                self.device_tables[:batch],
                 self.inputs[:, :batch],
                 self.tables[:batch],
                 self.tokens[:batch],

@@ -11,11 +11,11 @@ between them), appends the sequences whose prompt is in the cache to the running
 one decode step for every running sequence at once (`BatchDecoder`: a paged KV cache, each row at
 its own positions, so a row computes the same thing alone or next to others; on CUDA the decode step
 is a replayed CUDA graph). Greedy tokens come back for the whole batch in one transfer, and the host
-reads them while the next step already runs: that step is launched first, taking greedy rows' tokens
-from the device (a row that has just ended has one step computed in vain, read past). A step with a
-sampled row is read before the next launch. When a growing sequence finds no free block, the most
-recently admitted sequence gives its blocks up and waits to be prefilled again, its tokens so far
-included (recompute preemption, as in vLLM): nothing is reserved for the longest context."""
+reads them while the next step already runs (on CUDA): that step is launched first, taking greedy
+rows' tokens from the device (a row that has just ended has one step computed in vain, read past). A
+step with a sampled row is read before the next launch. When a growing sequence finds no free block,
+the most recently admitted sequence gives its blocks up and waits to be prefilled again, its tokens
+so far included (recompute preemption, as in vLLM): nothing is reserved for the longest context."""
 
 import asyncio
 import logging
@@ -168,6 +168,9 @@ class Engine:
         self._admissions = 0
         # The decode step launched last and not read yet, with its rows: (sequences, DecodeStep).
         self.inflight: tuple[list[Sequence], object] | None = None
+        # Launch a step before reading the last one where the device runs them asynchronously: on
+        # the CPU a step is done when launched, and reading it a step later only delays its tokens.
+        self.launch_ahead = self.device.type == "cuda"
         # Events for the handlers, sent to their event loops together by `_send_events`.
         self.outbox: list[tuple[ResultStream, object]] = []
 
@@ -460,7 +463,8 @@ class Engine:
     def _decode_step(self) -> None:
         """Launch a step for the running rows, then read the step before it while this one runs:
         a row whose newest token the host has not read yet takes it from the device. A step with
-        a sampled row is read at once (its token is drawn on the host from the logits)."""
+        a sampled row is read at once (its token is drawn on the host from the logits), as is
+        every step without `launch_ahead`."""
         rows = self._to_decode()
         launched = None
         if rows:
@@ -480,7 +484,7 @@ class Engine:
         previous, self.inflight = self.inflight, launched
         if previous is not None:
             self._read(*previous)
-        if launched is not None and not all(s.request.params.greedy for s in rows):
+        if launched is not None and not (self.launch_ahead and all(s.request.params.greedy for s in rows)):
             self._read_inflight()
 
     def _read_inflight(self) -> None:

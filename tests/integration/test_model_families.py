@@ -4,6 +4,9 @@ ranks and targets), and each request's greedy tokens must equal transformers' `g
 PEFT adapter. The Mistral, Qwen2 and Gemma configs slide windows shorter than prompt + generation;
 the Gemma ones set soft-capping."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -172,6 +175,20 @@ def test_cuda_graph_replay_equals_the_eager_forward_and_transformers(base_dir, t
     torch.testing.assert_close(graph_logits, eager_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ahead_logits, graph_logits, atol=0, rtol=0)
     assert graph_tokens[0] == out[0, len(prompts[0]) :].tolist()
+
+
+def test_a_dropped_decoder_frees_its_host_buffers_at_once(base_dir):
+    """Nothing of a decoder waits for the cyclic garbage collector: it may run in the middle of a
+    CUDA graph capture, and freeing pinned host memory there invalidates the capture."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    decoder = BatchDecoder(model, AdapterPool(model, 1, torch.device("cpu")), 4, CONTEXT, KV_BLOCKS)
+    staging = weakref.ref(decoder._staging[0].inputs)
+    gc.disable()
+    try:
+        del decoder
+        assert staging() is None
+    finally:
+        gc.enable()
 
 
 def test_fused_phi3_targets_are_checked_against_the_fused_base_layers(tokenizer, tmp_path):
