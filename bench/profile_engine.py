@@ -200,9 +200,10 @@ def main() -> None:
     # The GPU time of a decode step: the captured graph of each batch bucket (the narrowest
     # block-table width, which holds these requests' 112 tokens) replayed back to back.
     graphs = {key[1:]: graph for key, (graph, _) in engine.decoder._graphs.items() if key[0] == "decode"}
+    narrowest = min(w for _, w in graphs)
     graph_ms = {}
     for (batch, width), graph in sorted(graphs.items()):
-        if width == min(w for _, w in graphs):
+        if width == narrowest:
             graph.replay()
             torch.cuda.synchronize()
             t = time.perf_counter()

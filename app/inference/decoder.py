@@ -119,7 +119,6 @@ class _Staging:
         self.inputs_np, self.tables_np = self.inputs.numpy(), self.tables.numpy()
         self.tokens_np = self.tokens.numpy()
         self.done = torch.cuda.Event() if pin else None
-        self.recorded = False
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def views(self, batch: int) -> tuple[torch.Tensor, ...]:
@@ -136,14 +135,14 @@ class _Staging:
         return views
 
     def wait(self) -> None:
-        """Until the last step that used these buffers is done with them."""
-        if self.recorded:
+        """Until the last step that used these buffers is done with them (an event never
+        recorded is not waited on)."""
+        if self.done is not None:
             self.done.synchronize()
 
     def record(self) -> "torch.cuda.Event | None":
         if self.done is not None:
             self.done.record()
-            self.recorded = True
         return self.done
 
 
@@ -396,14 +395,14 @@ class BatchDecoder:
         inputs[3, n:batch] = -1
         inputs[:3, :n] = (tokens, positions, slots)
         inputs[3, :n] = -1 if sources is None else sources
-        host_tables = staging.tables_np
+        tables_np = staging.tables_np
         if isinstance(tables, np.ndarray):
-            host_tables[:n] = tables
+            tables_np[:n] = tables
         else:
-            host_tables[:n] = 0
+            tables_np[:n] = 0
             for row, blocks in enumerate(tables):
-                host_tables[row, : len(blocks)] = blocks
-        host_tables[n:batch] = 0
+                tables_np[row, : len(blocks)] = blocks
+        tables_np[n:batch] = 0
         device_inputs, device_tables, host_inputs, host_tables, host_tokens = staging.views(batch)
         device_inputs.copy_(host_inputs, non_blocking=True)
         device_tables.copy_(host_tables, non_blocking=True)
