@@ -10,19 +10,24 @@ the host time of those steps. Variants change one thing each, to see what it is 
   nodropout    lora_dropout 0
   peftdropout  LoRA dropout as PEFT runs it (a dropout kernel, then lora_A), not worker/lora_dropout.py
   nockptN      no gradient checkpointing, MICRO_BATCH_TOKENS N (default 4096)
+  bnbbase      the frozen NF4 layers through bitsandbytes' Linear4bit forward, not worker/lora_forward.py's
 Prints one JSON line per variant; merges nothing.
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from worker.memory import cuda_allocator_environment
+
+os.environ.update(cuda_allocator_environment())  # as the worker's; PyTorch reads it at import
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.shapes import SHAPES, build_checkpoint
 from bench.train import WARM, synthetic_examples
 from worker import lora_forward, pipeline
@@ -46,7 +51,7 @@ def family(name: str) -> str:
 def variant_settings(name: str):
     """(hyperparameters, MICRO_BATCH_TOKENS, model hook, fused kernels on, fused dropout on) for a
     variant."""
-    if name == "default":
+    if name in ("default", "bnbbase"):
         return {}, pipeline.MICRO_BATCH_TOKENS, None, True, True
     if name == "unfused":
         return {}, pipeline.MICRO_BATCH_TOKENS, None, False, True
@@ -64,6 +69,7 @@ def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
     hp, budget, hook, fused, fused_dropout = variant_settings(name)
     original_load, original_budget = pipeline.load_base_model, pipeline.MICRO_BATCH_TOKENS
     original_fused, original_fusable = pipeline.use_fused_kernels, lora_forward._fusable
+    original_frozen = lora_forward.frozen_quantized
 
     def load(base_dir, device):
         model = original_load(base_dir, device)
@@ -76,9 +82,12 @@ def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
         pipeline.use_fused_kernels = lambda model: 0
     if not fused_dropout:
         lora_forward._fusable = lambda x, lora_A, dropout: False
+    if name == "bnbbase":
+        lora_forward.frozen_quantized = lambda layer: None
     try:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_stats()
         r = pipeline.bench_train(
             data, checkpoint, steps=steps, warmup_steps=WARM, batch_size=batch_size, **hp
         )
@@ -88,6 +97,9 @@ def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
             "peak_gib": round(r["peak_gib"], 3),
             "micro_batch_tokens": r["micro_batch_tokens"],
             "loss_last": r["loss_trajectory"][-1][1],
+            # cudaMalloc/cudaFree calls (a free waits for the whole device) and the allocations that
+            # had to free cached blocks first, over all the steps
+            "allocator": allocator_counts(before, torch.cuda.memory_stats()),
         }
         if profiled:
             result.update(profile(checkpoint, data, batch_size, hp, load))
@@ -95,8 +107,18 @@ def run_variant(name, checkpoint, data, steps, batch_size, profiled=True):
     finally:
         pipeline.load_base_model, pipeline.MICRO_BATCH_TOKENS = original_load, original_budget
         pipeline.use_fused_kernels, lora_forward._fusable = original_fused, original_fusable
+        lora_forward.frozen_quantized = original_frozen
     print(json.dumps(result), flush=True)
     return result
+
+
+def allocator_counts(before: dict, after: dict) -> dict:
+    keys = {
+        "device_allocs": "num_device_alloc",
+        "device_frees": "num_device_free",
+        "retries": "num_alloc_retries",
+    }
+    return {name: after.get(key, 0) - before.get(key, 0) for name, key in keys.items()}
 
 
 def profile(checkpoint, data, batch_size, hp, load):
@@ -151,6 +173,56 @@ def profile(checkpoint, data, batch_size, hp, load):
     }
 
 
+def interleaved(checkpoint, data, steps, batch_size, block, other):
+    """Tokens/s of `default` and `other` on one model in one process, switching every `block` steps
+    (after WARM steps of default): machines of one kind, and processes on one machine, differ more than
+    the variants do. Each block is timed from a synchronized GPU to a synchronized GPU."""
+    config = pipeline.bench_config(checkpoint, batch_size=batch_size)
+    model = pipeline.attach_lora(pipeline.load_base_model(config.base_model_dir, "cuda"), config)
+    config = pipeline.fit_micro_batches(model, config)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = pipeline.make_optimizer(trainable, config)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    ex = [pipeline.Example(ids, list(ids)) for ids in data]
+    layers = [m for m in model.modules() if hasattr(m, "_tuneforge_frozen")]
+    frozen = [m._tuneforge_frozen for m in layers]
+    original_fusable = lora_forward._fusable
+
+    def use(name):
+        for m, f in zip(layers, frozen, strict=True):
+            m._tuneforge_frozen = None if name == "bnbbase" else f
+        fusable = (lambda x, lora_A, dropout: False) if name == "peftdropout" else original_fusable
+        lora_forward._fusable = fusable
+
+    times, tokens = defaultdict(float), defaultdict(int)
+    s, before = 0, torch.cuda.memory_stats()
+    try:
+        for b in range(-1, (steps - WARM) // block):
+            name = "default" if b < 0 or b % 2 == 0 else other
+            use(name)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(WARM if b < 0 else block):
+                chunk = ex[(s % (len(ex) // batch_size)) * batch_size :][:batch_size]
+                pipeline.train_step(model, chunk, 2, config)
+                pipeline.optimizer_step(trainable, opt, sched)
+                tokens[name] += sum(len(e.input_ids) for e in chunk) if b >= 0 else 0
+                s += 1
+            torch.cuda.synchronize()
+            if b >= 0:
+                times[name] += time.perf_counter() - start
+    finally:
+        use("default")
+        lora_forward._fusable = original_fusable
+    return {
+        "interleaved": {n: round(tokens[n] / times[n], 1) for n in times},
+        "block": block,
+        "steps": s,
+        "allocator": allocator_counts(before, torch.cuda.memory_stats()),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-shape", choices=sorted(SHAPES), default="tinyllama")
@@ -158,9 +230,18 @@ def main():
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--variants", default="default,unfused")
     ap.add_argument("--no-profile", action="store_true", help="tokens/s and peak memory only")
+    ap.add_argument(
+        "--interleave",
+        metavar="VARIANT",
+        help="bnbbase or peftdropout: that variant and default on one model, alternating every --block steps",
+    )
+    ap.add_argument("--block", type=int, default=4)
     a = ap.parse_args()
     checkpoint = build_checkpoint(a.model_shape)
     data = synthetic_examples(4000, vocab=SHAPES[a.model_shape][1]["vocab_size"])
+    if a.interleave:
+        print(json.dumps(interleaved(checkpoint, data, a.steps, a.batch_size, a.block, a.interleave)))
+        return
     for name in a.variants.split(","):
         try:
             run_variant(name, checkpoint, data, a.steps, a.batch_size, not a.no_profile)

@@ -15,6 +15,7 @@ runs the tiny shape instead (gloo ranks with --gpus): a smoke run that prints an
 import argparse
 import json
 import multiprocessing
+import os
 import random
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._results import merge
 from bench.shapes import RESULT_KEYS, SHAPES, build_checkpoint
+from worker.memory import cuda_allocator_environment
 
 WARM = 3
 
@@ -267,6 +269,7 @@ def main():
             seed_loss_at_tokens=loss_at_tokens(s["loss_trajectory"]),
         )
     if a.only in (None, "tuneforge"):
+        os.environ.update(cuda_allocator_environment())  # for the process isolated() starts next
         t = isolated(run_tuneforge, checkpoint, a.steps, a.batch_size, a.device, vocab)
         print("tuneforge", json.dumps({k: v for k, v in t.items() if k != "loss_trajectory"}), flush=True)
         out.update(

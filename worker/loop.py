@@ -36,6 +36,7 @@ from worker import faults, store
 from worker.errors import JobLost, UserError
 from worker.fence import Fence
 from worker.hooks import Control, ResidentBase, TrainResult
+from worker.memory import cuda_allocator_environment
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -388,6 +389,7 @@ def default_worker_id() -> str:
 def run_worker(settings: Settings, stop_event: threading.Event | None = None) -> None:
     """Claim and run jobs until SIGTERM/SIGINT or `stop_event`. A signal lets the running job finish
     its step, checkpoint and release its lease; then the worker exits."""
+    os.environ.update(cuda_allocator_environment())  # before a job imports torch
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

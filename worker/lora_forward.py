@@ -9,12 +9,74 @@ nothing is written in place. Same parameters, same math, same saved adapter: onl
 the bf16 sum differs (addmm accumulates in fp32). On CUDA the input dropout and lora_A are one
 kernel in training (worker/lora_dropout.py). Anything but the single plain adapter of a
 training run (merged, disabled, mixed-batch `adapter_names`, DoRA and other variants) runs PEFT's
-own forward."""
+own forward.
+
+The frozen NF4 base layer runs as one autograd function that dequantizes the weight and multiplies
+(and in backward dequantizes it again for the input gradient), as bitsandbytes does past 1,536 rows,
+but without bitsandbytes' way there: `Linear4bit.forward`, `matmul_4bit`, its autograd function, a
+`torch.library` custom op and the weight's `__torch_function__` on every view of it. A training step
+on CUDA is host-bound (docs/BENCHMARKS.md) and it runs this for every linear layer in the forward, the
+checkpointed recompute and backward."""
 
 import types
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class _FrozenQuantized:
+    """A Linear4bit's weight as plain tensors (packed 4-bit codes, fp32 block scales)."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    blocksize: int
+    quant_type: str
+    dtype: torch.dtype  # the layer's compute dtype, which its input must have
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
+
+        out = torch.empty(self.shape, dtype=dtype, device=self.packed.device)
+        _dequantize_4bit_impl(self.packed, self.absmax, self.blocksize, self.quant_type, dtype, out=out)
+        return out
+
+
+class _FrozenQuantizedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: _FrozenQuantized) -> torch.Tensor:
+        ctx.weight = weight  # not saved for backward: the layer holds it for the whole run
+        return F.linear(x, weight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.weight.dequantize(grad.dtype), None
+
+
+def frozen_quantized(layer: torch.nn.Module) -> _FrozenQuantized | None:
+    """`layer`'s weight for _FrozenQuantizedLinear, or None where bitsandbytes' own forward must run:
+    not a bias-free 4-bit layer on CUDA with a 16-bit compute dtype and plain (not nested) block
+    scales (worker/pipeline.py expands the nested ones at load)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return None
+    if type(layer) is not Linear4bit or layer.bias is not None or layer.compute_dtype not in HALF:
+        return None
+    state = getattr(layer.weight, "quant_state", None)
+    if state is None or state.nested or not layer.weight.is_cuda or state.quant_type not in ("nf4", "fp4"):
+        return None
+    # .data: a plain tensor of the weight's storage, which Params4bit's __torch_function__ skips
+    return _FrozenQuantized(
+        layer.weight.data, state.absmax, state.shape, state.blocksize, state.quant_type, layer.compute_dtype
+    )
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -33,7 +95,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != lora_A.weight.dtype:
         return type(self).forward(self, x)
-    result = self.base_layer(x)
+    frozen = self._tuneforge_frozen
+    if frozen is not None and x.dtype == frozen.dtype:
+        result = _FrozenQuantizedLinear.apply(x, frozen)
+    else:
+        result = self.base_layer(x)
     dropout = self.lora_dropout[name]
     if _fusable(x, lora_A, dropout):
         from worker.lora_dropout import dropout_shrink
@@ -68,5 +134,6 @@ def use_fused_lora_forward(model) -> int:
     for module in model.modules():
         if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear):
             module.forward = types.MethodType(_fused_forward, module)
+            module._tuneforge_frozen = frozen_quantized(module.get_base_layer())
             count += 1
     return count

@@ -81,3 +81,32 @@ def test_fused_step_equals_transformers_step(base_dir, monkeypatch):
     for name, grad in grads.items():
         cosine = F.cosine_similarity(grad.flatten(), plain_grads[name].flatten(), dim=0)
         assert cosine > 0.98, name
+
+
+@pytest.mark.parametrize("rows", [2048, 3000])  # past 1,536 rows bitsandbytes dequantizes and multiplies
+def test_frozen_nf4_linear_equals_bitsandbytes(rows):
+    import bitsandbytes as bnb
+
+    from worker.lora_forward import _FrozenQuantizedLinear, frozen_quantized
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(512, 384, bias=False)
+
+    def quantized(**kwargs):
+        layer = bnb.nn.Linear4bit(
+            512, 384, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", **kwargs
+        )
+        layer.load_state_dict(dense.state_dict())
+        return layer.cuda()
+
+    layer = quantized(compress_statistics=False)
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(rows, 384, device="cuda", dtype=torch.bfloat16)
+    expected = layer(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    frozen = frozen_quantized(layer)
+    out = _FrozenQuantizedLinear.apply(x, frozen)
+    (out_grad,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(out, expected) and torch.equal(out_grad, expected_grad)
+    # nested block scales (double quantization not expanded) keep bitsandbytes' own forward
+    assert frozen_quantized(quantized(compress_statistics=True)) is None

@@ -2,7 +2,13 @@
 
 import pytest
 
-from worker.memory import DEVICE_RESERVE_BYTES, GIB, TrainShape, micro_batch_tokens
+from worker.memory import (
+    DEVICE_RESERVE_BYTES,
+    GIB,
+    TrainShape,
+    cuda_allocator_environment,
+    micro_batch_tokens,
+)
 
 CEILING = 24576
 # Resident bytes: NF4 linear weights (~0.516 bytes a parameter with double quantization), bf16
@@ -65,3 +71,14 @@ def test_more_memory_never_means_fewer_tokens():
 def test_nothing_left_for_activations_gives_zero():
     assert micro_batch_tokens(MISTRAL_7B, free_on(141, MISTRAL_7B), 6 * GIB, CEILING) == 0
     assert micro_batch_tokens(MISTRAL_7B, int(0.5 * GIB), None, CEILING) == 0
+
+
+def test_the_worker_uses_expandable_segments_unless_the_user_set_the_allocator(monkeypatch):
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert cuda_allocator_environment() == {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert cuda_allocator_environment() == {}
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "")  # PyTorch's own defaults, chosen explicitly
+    assert cuda_allocator_environment() == {}
