@@ -121,10 +121,9 @@ def allocator_counts(before: dict, after: dict) -> dict:
     return {name: after.get(key, 0) - before.get(key, 0) for name, key in keys.items()}
 
 
-def profile(checkpoint, data, batch_size, hp, load):
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
-
+def trainer(checkpoint, data, batch_size, hp, load):
+    """The worker's recipe set up as bench_train sets it up, for steps run here: (config, model,
+    trainable parameters, optimizer, a constant schedule, the examples)."""
     config = pipeline.bench_config(checkpoint, batch_size=batch_size, **hp)
     model = pipeline.attach_lora(load(config.base_model_dir, "cuda"), config)
     config = pipeline.fit_micro_batches(model, config)
@@ -132,7 +131,14 @@ def profile(checkpoint, data, batch_size, hp, load):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = pipeline.make_optimizer(trainable, config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    ex = [pipeline.Example(ids, list(ids)) for ids in data]
+    return config, model, trainable, opt, sched, [pipeline.Example(ids, list(ids)) for ids in data]
+
+
+def profile(checkpoint, data, batch_size, hp, load):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    config, model, trainable, opt, sched, ex = trainer(checkpoint, data, batch_size, hp, load)
 
     def step(s):
         pipeline.train_step(model, ex[s * batch_size : (s + 1) * batch_size], 2, config)
@@ -177,14 +183,9 @@ def interleaved(checkpoint, data, steps, batch_size, block, other):
     """Tokens/s of `default` and `other` on one model in one process, switching every `block` steps
     (after WARM steps of default): machines of one kind, and processes on one machine, differ more than
     the variants do. Each block is timed from a synchronized GPU to a synchronized GPU."""
-    config = pipeline.bench_config(checkpoint, batch_size=batch_size)
-    model = pipeline.attach_lora(pipeline.load_base_model(config.base_model_dir, "cuda"), config)
-    config = pipeline.fit_micro_batches(model, config)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = pipeline.make_optimizer(trainable, config)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    ex = [pipeline.Example(ids, list(ids)) for ids in data]
+    config, model, trainable, opt, sched, ex = trainer(
+        checkpoint, data, batch_size, {}, pipeline.load_base_model
+    )
     layers = [m for m in model.modules() if hasattr(m, "_tuneforge_frozen")]
     frozen = [m._tuneforge_frozen for m in layers]
     original_fusable = lora_forward._fusable
