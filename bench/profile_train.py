@@ -215,7 +215,6 @@ def interleaved(checkpoint, data, steps, batch_size, block, other):
                 times[name] += time.perf_counter() - start
     finally:
         use("default")
-        lora_forward._fusable = original_fusable
     return {
         "interleaved": {n: round(tokens[n] / times[n], 1) for n in times},
         "block": block,
@@ -233,8 +232,8 @@ def main():
     ap.add_argument("--no-profile", action="store_true", help="tokens/s and peak memory only")
     ap.add_argument(
         "--interleave",
-        metavar="VARIANT",
-        help="bnbbase or peftdropout: that variant and default on one model, alternating every --block steps",
+        choices=["bnbbase", "peftdropout"],
+        help="that variant and default on one model, alternating every --block steps",
     )
     ap.add_argument("--block", type=int, default=4)
     a = ap.parse_args()

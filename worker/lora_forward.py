@@ -19,6 +19,7 @@ on CUDA is host-bound (docs/BENCHMARKS.md) and it runs this for every linear lay
 checkpointed recompute and backward."""
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +39,11 @@ class _FrozenQuantized:
     blocksize: int
     quant_type: str
     dtype: torch.dtype  # the layer's compute dtype, which its input must have
+    impl: Callable  # bitsandbytes' CUDA dequantize kernel call, looked up once
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
-
         out = torch.empty(self.shape, dtype=dtype, device=self.packed.device)
-        _dequantize_4bit_impl(self.packed, self.absmax, self.blocksize, self.quant_type, dtype, out=out)
+        self.impl(self.packed, self.absmax, self.blocksize, self.quant_type, dtype, out=out)
         return out
 
 
@@ -63,7 +63,8 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
 def frozen_quantized(layer: torch.nn.Module) -> _FrozenQuantized | None:
     """`layer`'s weight for _FrozenQuantizedLinear, or None where bitsandbytes' own forward must run:
     not a bias-free 4-bit layer on CUDA with a 16-bit compute dtype and plain (not nested) block
-    scales (worker/pipeline.py expands the nested ones at load)."""
+    scales (worker/pipeline.py expands the nested ones at load), or a bitsandbytes without the CUDA
+    dequantize function this calls (a private one: bitsandbytes is pinned to 0.50)."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -73,9 +74,19 @@ def frozen_quantized(layer: torch.nn.Module) -> _FrozenQuantized | None:
     state = getattr(layer.weight, "quant_state", None)
     if state is None or state.nested or not layer.weight.is_cuda or state.quant_type not in ("nf4", "fp4"):
         return None
+    try:  # only with CUDA: the module reads CUDA bindings as it is imported
+        from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
+    except ImportError:
+        return None
     # .data: a plain tensor of the weight's storage, which Params4bit's __torch_function__ skips
     return _FrozenQuantized(
-        layer.weight.data, state.absmax, state.shape, state.blocksize, state.quant_type, layer.compute_dtype
+        layer.weight.data,
+        state.absmax,
+        state.shape,
+        state.blocksize,
+        state.quant_type,
+        layer.compute_dtype,
+        _dequantize_4bit_impl,
     )
 
 
