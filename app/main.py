@@ -20,16 +20,16 @@ log = logging.getLogger("uvicorn.error")
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    # Imported here: torch and the models load only when the server actually starts.
-    from app.inference.engine import Engine
-    from app.inference.families import UnsupportedModel
+    # Imported here: the tokenizers load only when the server actually starts (and the models, in
+    # the engine processes).
+    from app.inference.engine_process import EngineProcess, EngineStartFailed
 
     settings = get_settings()
     served = app.state.served = ServedBases(settings.served_base_models)
 
-    def start_engine(name: str) -> Engine:
+    def start_engine(name: str) -> EngineProcess:
         check_served_base(name, settings)
-        engine = Engine(settings, base_model=name)
+        engine = EngineProcess(settings, base_model=name)
         engine.start()
         log.info("serving base model %s: %s", name, engine.capacity())
         return engine
@@ -39,10 +39,13 @@ async def lifespan(app: FastAPI):
         for name in served.names:
             try:
                 served.serve(name, await asyncio.to_thread(start_engine, name))
-            except (UnsupportedBaseModel, UnsupportedModel) as exc:
+            except UnsupportedBaseModel as exc:
                 served.refuse(name, str(exc))
                 log.error("not serving base model %s: %s", name, exc)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory for this one
+            except EngineStartFailed as exc:
+                served.refuse(name, f"its engine failed to start ({exc})")
+                log.error("not serving base model %s: its engine failed to start (%s)", name, exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. its tokenizer does not load
                 served.refuse(name, f"its engine failed to start ({type(exc).__name__}: {exc})")
                 log.exception("not serving base model %s: its engine failed to start", name)
         yield

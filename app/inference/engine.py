@@ -24,7 +24,6 @@ import queue
 import sys
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +48,9 @@ from app.inference.decoder import BatchDecoder, Chunk, kv_bytes_per_token
 from app.inference.lora import AdapterPool, slot_bytes
 from app.inference.messages import Completion, EngineStopped, Failure, GenerationRequest, TextDelta
 from app.inference.paged_attention import BLOCK_SIZE, blocks_for
+from app.inference.prompts import encode_chat, encode_prompt
 from app.inference.sampling import Detokenizer, TextTracker, make_generator, sample_token
+from app.inference.streams import ResultStream, deliver
 
 log = logging.getLogger(__name__)
 
@@ -57,41 +58,6 @@ log = logging.getLogger(__name__)
 MAX_AUTO_SLOTS = 512
 # CPU tier staging buffers pinned at start (more are pinned as the tier fills).
 PINNED_STAGING = 32
-
-
-class ResultStream:
-    """The handler's end of one request: TextDelta events, then a Completion or a Failure."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: "Engine"):
-        self.loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._held = None  # read past while joining text deltas; returned next
-        self._engine = engine
-        self.cancelled = False
-        self.done = False
-
-    async def get(self):
-        event = self._held if self._held is not None else await self._queue.get()
-        self._held = None
-        if isinstance(event, TextDelta) and not self._queue.empty():
-            # Deltas that piled up while this client was slower than the engine go out as one.
-            parts = [event.text]
-            while not self._queue.empty():
-                event = self._queue.get_nowait()
-                if not isinstance(event, TextDelta):
-                    self._held = event
-                    break
-                parts.append(event.text)
-            event = TextDelta("".join(parts))
-        if isinstance(event, (Completion, Failure)):
-            self.done = True
-        return event
-
-    def cancel(self) -> None:
-        """Stop generating (client gone); frees the request's batch row at the next step."""
-        if not self.done:
-            self.cancelled = True
-            self._engine.wake()
 
 
 @dataclass
@@ -140,8 +106,11 @@ class BlockAllocator:
 
 
 class Engine:
-    def __init__(self, settings: Settings, base_model: str | None = None):
+    def __init__(self, settings: Settings, base_model: str | None = None, send_events=deliver):
+        """`send_events` takes each batch of (stream, event) pairs: by default to the streams'
+        event loops in this process; in an engine process, to the API process."""
         self.settings = settings
+        self._deliver = send_events
         self.base_model = base_model or settings.serve_base_model
         self.base_dir: Path = resolve_base_model(self.base_model, settings)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
@@ -197,12 +166,17 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> ResultStream:
         """Queue a request; must be called on the event loop that reads the stream."""
-        stream = ResultStream(asyncio.get_running_loop(), self)
+        stream = ResultStream(asyncio.get_running_loop(), lambda _: self.wake())
+        self.enqueue(request, stream, time.monotonic())
+        return stream
+
+    def enqueue(self, request: GenerationRequest, stream, submitted_at: float) -> None:
+        """Queue a request whose events go to `stream` (anything with `cancelled`, as
+        `send_events` knows it); `submitted_at` on the monotonic clock, for time to first token."""
         if self._stopping:
             raise EngineStopped("the inference engine is shutting down")
-        self._commands.put(("submit", Sequence(request, stream, submitted_at=time.monotonic())))
+        self._commands.put(("submit", Sequence(request, stream, submitted_at=submitted_at)))
         self.wake()
-        return stream
 
     def unload(self, version: str) -> None:
         """Drop an adapter version from every tier (its model id was deleted)."""
@@ -220,11 +194,10 @@ class Engine:
         return self.tiers.resident() if self.tiers else {"gpu": [], "cpu": []}
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tokenizer, messages)
 
     # --- Engine thread ---
 
@@ -307,18 +280,10 @@ class Engine:
         self.outbox.append((seq.stream, event))
 
     def _send_events(self) -> None:
-        """One call_soon_threadsafe per event loop for everything emitted since the last call
-        (one wake-up of the loop per step, however many streams are running)."""
-        by_loop = defaultdict(list)
-        for stream, event in self.outbox:
-            by_loop[stream.loop].append((stream, event))
-        self.outbox = []
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                for stream, _ in items:
-                    stream.cancelled = True
+        """Everything emitted since the last call, in one batch."""
+        if self.outbox:
+            items, self.outbox = self.outbox, []
+            self._deliver(items)
 
     def _turn(self) -> None:
         self._wake.clear()
@@ -580,8 +545,3 @@ class Engine:
 
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-def _deliver(items: list[tuple[ResultStream, object]]) -> None:
-    for stream, event in items:
-        stream._queue.put_nowait(event)

@@ -4,6 +4,7 @@ each with why. A request goes to the engine of its model's base."""
 
 from app.core.base_models import BaseModelUnavailable, UnknownBaseModel, resolve_base_model
 from app.core.errors import InvalidRequest, ServiceUnavailable
+from app.core.metrics import merge_families
 from app.core.model_families import UnsupportedBaseModel, describe_base_model
 from app.core.settings import Settings
 
@@ -30,7 +31,7 @@ def check_served_base(name: str, settings: Settings) -> None:
 class ServedBases:
     def __init__(self, names: list[str]):
         self.names = names
-        self.engines: dict = {}  # name -> app.inference.engine.Engine
+        self.engines: dict = {}  # name -> app.inference.engine_process.EngineProcess
         self.refused: dict[str, str] = {}
 
     def serve(self, name: str, engine) -> None:
@@ -60,7 +61,8 @@ class ServedBases:
                 param="model",
                 code="model_not_served",
             )
-        raise ServiceUnavailable(f"The inference engine for {base} is not ready yet; retry shortly.")
+        state = "starting" if engine is None else engine.state
+        raise ServiceUnavailable(f"The inference engine for {base} is {state}; retry shortly.")
 
     def unload(self, version: str) -> None:
         """Drop an adapter version from every engine (its model id was deleted)."""
@@ -68,12 +70,12 @@ class ServedBases:
             engine.unload(version)
 
     def checks(self) -> dict[str, str]:
-        """Readiness of each served base's engine ("ok" or "loading")."""
-        return {
-            f"engine:{name}": "ok" if self.engines[name].ready else "loading"
-            for name in self.names
-            if name in self.engines
-        }
+        """Readiness of each served base's engine ("ok", "loading", "restarting" or "stopped")."""
+        return {f"engine:{name}": self.engines[name].state for name in self.names if name in self.engines}
+
+    def metric_families(self) -> list:
+        """The engines' metrics (each engine process keeps its own), as one set."""
+        return merge_families([engine.metrics() for engine in self.engines.values()])
 
     def stop(self) -> None:
         for engine in self.engines.values():

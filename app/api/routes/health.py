@@ -49,10 +49,22 @@ def readyz(request: Request, session: SessionDep):
     response_class=PlainTextResponse,
     responses=text_response("text/plain", "Prometheus text exposition format."),
 )
-def metrics(session: SessionDep):
+def metrics(request: Request, session: SessionDep):
     """Prometheus metrics."""
     counts = count_by_status(session)
     for status in JobStatus:
         JOBS_BY_STATUS.labels(status.value).set(counts.get(status.value, 0))
     QUEUE_DEPTH.set(counts.get(JobStatus.queued.value, 0))
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    served = getattr(request.app.state, "served", None)
+    engines = _Families(served.metric_families() if served is not None else [])
+    return Response(generate_latest(REGISTRY) + generate_latest(engines), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Families:
+    """Metric families already collected, in the shape generate_latest reads."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return self.families
