@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 
 from app.core.base_models import resolve_base_model
+from app.core.metrics import ENGINE_REGISTRY
 from app.core.model_families import UnsupportedBaseModel
 from app.core.settings import Settings
 from app.inference.messages import EngineStopped, Failure, GenerationRequest, TextDelta
@@ -240,7 +241,6 @@ def serve_engine(settings: Settings, base_model: str, commands, events) -> None:
     commands until it says stop or goes away."""
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s:     [engine {base_model}] %(message)s")
     # torch and the model load here, in the engine process only.
-    from app.core.metrics import ENGINE_REGISTRY
     from app.inference.engine import Engine
     from app.inference.families import UnsupportedModel
 

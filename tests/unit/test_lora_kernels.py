@@ -109,7 +109,7 @@ def test_shapes_that_do_not_fit_are_refused():
 # Block sizes small enough that the cases above take several blocks, splits and tiles.
 INTERPRETER_BLOCKS = [
     (False, {}),
-    (False, dict(SHRINK_BLOCK_K=16, EXPAND_BLOCK_N=16)),
+    (False, dict(SHRINK_BLOCK_K=16, EXPAND_BLOCK_N=16, EXPAND_BLOCK_N_FEW_ROWS=16)),
     (True, dict(TILE_T=16)),
     (True, dict(TILE_T=16, TILE_K=16, TILE_N=16)),
 ]
