@@ -2,9 +2,10 @@
 adapter batch.
 
 HTTP handlers `submit` a request and read its events from a `ResultStream` (an asyncio queue), so
-the event loop never waits on torch; the engine hands over each step's events for all streams in one
-thread-safe call, and text is detokenized incrementally (a few tokens per step, not the whole
-sequence). Each loop turn the engine thread admits waiting requests whose adapter sits in a pool
+the event loop never waits on torch (the server runs the engine in a process of its own,
+engine_process.py, and `enqueue`s there); the engine hands over each step's events for all streams
+in one batch (`send_events`), and text is detokenized incrementally (a few tokens per step, not
+the whole sequence). Each loop turn the engine thread admits waiting requests whose adapter sits in a pool
 slot (loads run on the loader thread meanwhile) and whose prompt fits the free KV blocks, prefills
 one chunk budget of the admitted prompts (a long prompt takes several turns, with decode steps
 between them), appends the sequences whose prompt is in the cache to the running batch, then runs
@@ -146,9 +147,10 @@ class Engine:
     # --- Any thread ---
 
     def start(self) -> None:
-        # The event loop and this thread share the GIL: when a step's GPU work is done, the engine
-        # thread waits for the loop to give the GIL up, by default for up to 5 ms. 1 ms keeps
-        # that wait small next to a decode step (0.25 ms measured worse: more time lost switching).
+        # This thread shares the GIL with the adapter loader's threads (and, run in-process, the event
+        # loop): when a step's GPU work is done, it waits for them to give the GIL up, by default
+        # for up to 5 ms. 1 ms keeps that wait small next to a decode step (0.25 ms measured worse,
+        # beside the event loop: more time lost switching).
         sys.setswitchinterval(0.001)
         self._load_model()
         self.loader.start()

@@ -1,8 +1,8 @@
 """The inference engine in a process of its own, as the API process sees it.
 
 In one process the engine thread and the event loop take turns on the GIL: a decode step's launch
-waits behind the event loop's chunks, and over HTTP the 1.1B shape reached 53 % of the engine's
-in-process tokens/s at 64 streams. So the API process runs each `Engine` in a spawned process and
+waits behind the event loop's chunks (docs/BENCHMARKS.md has the figures before and after). So
+the API process runs each `Engine` in a spawned process and
 speaks to it over two pipes: requests, cancels and unloads in; each turn's events for every stream
 out, as one message. The API process keeps a tokenizer (prompts go over tokenized) and no torch.
 
