@@ -13,7 +13,9 @@ CUDA tensors run Triton kernels that are CUDA-graph capturable (shapes and launc
 only on tensor shapes, never on values: no host sync). CPU tensors take a PyTorch path with the
 same semantics, grouped by the slots present. `lora_apply(x, y, ...)` adds the delta to the base
 output y in place; its shrink output stays fp32 between the two kernels (the prefill expand
-rounds it to the pool's dtype for its tensor-core dot).
+rounds it to the pool's dtype for its tensor-core dot): at decode, one plane of partial sums per
+split of the in-dimension, which the expand adds up, so nothing is zeroed first and no atomics
+are needed; at prefill, one plane that the splits add into atomically.
 
 Two kernel shapes, picked by the number of rows (a shape, so a captured graph keeps its pick):
 - up to TILE_MIN_TOKENS rows (decode), BGMV: one program per row (and rank block, and split of
@@ -34,15 +36,19 @@ except ImportError:  # a CPU-only install (the CPU torch wheel brings no Triton)
     triton = None
 
 MAX_SEGMENTS = 3  # the expand kernel takes the segment boundaries as two scalar arguments
-# Shrink splits the in-dimension until about this many programs run, so a decode step of a few
-# rows still spreads its A reads over every SM (fp32 atomics add the partial sums).
+# Decode (BGMV) launch shapes, the best of a sweep on the H200 (TinyLlama and Mistral-7B shapes,
+# 1-64 rows over as many adapters; docs/BENCHMARKS.md). Shrink splits the in-dimension until about
+# SHRINK_TARGET_PROGRAMS programs run, so a step of a few rows still spreads its A reads over every
+# SM, each split's sums in a plane of their own; at most SHRINK_MAX_SPLITS planes, since the
+# expand reads them all.
 SHRINK_TARGET_PROGRAMS = 1024
-SHRINK_BLOCK_K = 128
-# Expand's output columns per program: wider blocks from 16 rows on (fewer, longer programs: 5-15 %
-# faster on the H200), narrower below, where there are few programs to spread over the SMs.
-EXPAND_BLOCK_N = 256
-EXPAND_BLOCK_N_FEW_ROWS = 128
-EXPAND_FEW_ROWS = 16
+SHRINK_MAX_SPLITS = 32
+SHRINK_BLOCK_K = 64
+# Expand's output columns per program: wide, so that each thread has many loads in flight (at 64
+# rows 3.4x faster than 256 columns).
+EXPAND_BLOCK_N = 1024
+EXPAND_WARPS = 4
+SHRINK_WARPS = 4
 TILE_MIN_TOKENS = 512
 TILE_T = 64
 TILE_K = 64  # shrink tiles: in-dimension block
@@ -54,10 +60,10 @@ TILE_WARPS = 8
 def lora_shrink(
     x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, segments: int
 ) -> torch.Tensor:
-    """h[t] = x[t] @ A[slots[t]].T, (T, n * R) in x's dtype (accumulated in fp32). `segments` is
-    n, the number of projections stacked in A (needed to know where each one's rank ends)."""
-    h = _shrink(x, A, slots, ranks, segments, x.dtype)
-    return h.to(x.dtype)
+    """h[t] = x[t] @ A[slots[t]].T, (T, n * R) in x's dtype (accumulated in fp32), zero past each
+    row's rank and on base rows. `segments` is n, the number of projections stacked in A (needed
+    to know where each one's rank ends)."""
+    return _shrink(x, A, slots, ranks, segments, zeroed=True).sum(0).to(x.dtype)
 
 
 def lora_expand(
@@ -70,12 +76,7 @@ def lora_expand(
 ) -> torch.Tensor:
     """y[t, c] += h[t, j*R : (j+1)*R] @ BT[slots[t], :, c] for c in segment j, in place (fp32
     accumulation, one rounding to y's dtype). Returns y."""
-    _check_expand(h, BT, slots, ranks, out_starts, y)
-    if y.is_cuda:
-        _triton_expand(h, BT, slots, ranks, out_starts, y)
-    else:
-        torch_expand(h, BT, slots, ranks, out_starts, y)
-    return y
+    return _expand(h.unsqueeze(0), BT, slots, ranks, out_starts, y)
 
 
 def lora_apply(
@@ -87,16 +88,27 @@ def lora_apply(
     ranks: torch.Tensor,
     out_starts: tuple[int, ...],
 ) -> torch.Tensor:
-    """y += the LoRA delta of x (shrink then expand), in place. Returns y."""
-    h = _shrink(x, A, slots, ranks, len(out_starts) - 1, torch.float32)
-    return lora_expand(h, BT, slots, ranks, out_starts, y)
+    """y += the LoRA delta of x (shrink then expand), in place. Returns y. The shrink's partial
+    sums are handed to the expand as they are, entries no one reads left unwritten."""
+    parts = _shrink(x, A, slots, ranks, len(out_starts) - 1, zeroed=False)
+    return _expand(parts, BT, slots, ranks, out_starts, y)
 
 
-def _shrink(x, A, slots, ranks, segments, h_dtype):
+def _shrink(x, A, slots, ranks, segments, zeroed: bool) -> torch.Tensor:
+    """The shrink as partial sums over splits of the in-dimension, (splits, T, n * R) fp32."""
     _check_shrink(x, A, slots, ranks, segments)
     if x.is_cuda:
-        return _triton_shrink(x, A, slots, ranks, segments, h_dtype)
-    return torch_shrink(x, A, slots, ranks, segments, h_dtype)
+        return _triton_shrink(x, A, slots, ranks, segments, zeroed=zeroed)
+    return torch_shrink(x, A, slots, ranks, segments, torch.float32).unsqueeze(0)
+
+
+def _expand(parts, BT, slots, ranks, out_starts, y):
+    _check_expand(parts[0], BT, slots, ranks, out_starts, y)
+    if y.is_cuda:
+        _triton_expand(parts, BT, slots, ranks, out_starts, y)
+    else:
+        torch_expand(parts.sum(0), BT, slots, ranks, out_starts, y)
+    return y
 
 
 def _check_shrink(x, A, slots, ranks, segments):
@@ -172,8 +184,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _triton_shrink(
-    x, A, slots, ranks, segments: int, h_dtype: torch.dtype, tiles: bool | None = None
+    x, A, slots, ranks, segments: int, tiles: bool | None = None, zeroed: bool = False
 ) -> torch.Tensor:
+    """(splits, T, n * R) fp32 partial sums. Decode programs store their split's sums in a plane
+    of their own, so nothing needs zeroing first (`zeroed` asks for zeros where no row is
+    written: base rows, ranks past a row's own); tiles hold one plane, added by atomics."""
     T, in_features = x.shape
     R = A.shape[1] // segments
     x, A, slots = x.contiguous(), A.contiguous(), slots.contiguous()
@@ -184,53 +199,59 @@ def _triton_shrink(
     row_programs = triton.cdiv(T, TILE_T) if tiles else T
     blocks_k = triton.cdiv(in_features, block_k)
     splits = min(blocks_k, max(1, triton.cdiv(SHRINK_TARGET_PROGRAMS, row_programs * segments)))
+    if not tiles:
+        splits = min(splits, SHRINK_MAX_SPLITS)
     k_per_split = triton.cdiv(blocks_k, splits) * block_k
     splits = triton.cdiv(in_features, k_per_split)
-    if splits > 1:
-        h_dtype = torch.float32  # the atomics add fp32 partial sums
-    h = torch.zeros(T, segments * R, dtype=h_dtype, device=x.device)
+    atomic = tiles and splits > 1
+    planes = 1 if tiles else splits
+    alloc = torch.zeros if zeroed or atomic else torch.empty
+    h = alloc(planes, T, segments * R, dtype=torch.float32, device=x.device)
     if T == 0:
         return h
     grid = (row_programs, segments * triton.cdiv(R, block_r), splits)
     args = (x, A, h, slots, ranks, in_features, k_per_split)
-    strides = (x.stride(0), A.stride(0), A.stride(1), h.stride(0))
-    blocks = dict(R=R, BLOCK_R=block_r, BLOCK_K=block_k, ATOMIC=splits > 1)
+    strides = (x.stride(0), A.stride(0), A.stride(1), h.stride(1))
+    blocks = dict(R=R, BLOCK_R=block_r, BLOCK_K=block_k)
     if tiles:
         precision = _dot_precision(x.dtype)
         _shrink_tiles_kernel[grid](
-            *args, *strides, T, BLOCK_T=TILE_T, DOT_PRECISION=precision, num_warps=TILE_WARPS, **blocks
-        )
+            *args, *strides, T, BLOCK_T=TILE_T, DOT_PRECISION=precision, ATOMIC=atomic,
+            num_warps=TILE_WARPS, **blocks,
+        )  # fmt: skip
     else:
-        _shrink_kernel[grid](*args, *strides, **blocks)
+        _shrink_kernel[grid](*args, *strides, h.stride(0), num_warps=SHRINK_WARPS, **blocks)
     return h
 
 
 def _triton_expand(
-    h, BT, slots, ranks, out_starts: tuple[int, ...], y: torch.Tensor, tiles: bool | None = None
+    parts, BT, slots, ranks, out_starts: tuple[int, ...], y: torch.Tensor, tiles: bool | None = None
 ) -> None:
+    """y += the sum over the planes of `parts` (splits, T, n * R), expanded."""
     T, out_total = y.shape
     R = BT.shape[1]
-    h, BT, slots = h.contiguous(), BT.contiguous(), slots.contiguous()
+    BT, slots = BT.contiguous(), slots.contiguous()
     bounds = list(out_starts[1:-1]) + [out_total] * (MAX_SEGMENTS - len(out_starts) + 1)
     if T == 0:
         return
-    args = (h, BT, y, slots, ranks, out_total, bounds[0], bounds[1])
-    strides = (h.stride(0), BT.stride(0), BT.stride(1), y.stride(0))
     # Column blocks never straddle two projections, so each block multiplies one segment of h.
     edges = [0, bounds[0], bounds[1], out_total]
     if not (T >= TILE_MIN_TOKENS if tiles is None else tiles):
-        block_n = EXPAND_BLOCK_N_FEW_ROWS if T < EXPAND_FEW_ROWS else EXPAND_BLOCK_N
-        blocks = [triton.cdiv(edges[j + 1] - edges[j], block_n) for j in range(MAX_SEGMENTS)]
+        blocks = [triton.cdiv(edges[j + 1] - edges[j], EXPAND_BLOCK_N) for j in range(MAX_SEGMENTS)]
         grid = (T, sum(blocks))
         _expand_kernel[grid](
-            *args, blocks[0], blocks[0] + blocks[1], *strides,
-            R=R, BLOCK_R=_rank_block(R), BLOCK_N=block_n,
+            parts, BT, y, slots, ranks, out_total, bounds[0], bounds[1], blocks[0], blocks[0] + blocks[1],
+            parts.shape[0], parts.stride(0), parts.stride(1), BT.stride(0), BT.stride(1), y.stride(0),
+            R=R, BLOCK_R=_rank_block(R), BLOCK_N=EXPAND_BLOCK_N,
+            BLOCK_S=triton.next_power_of_2(parts.shape[0]), num_warps=EXPAND_WARPS,
         )  # fmt: skip
         return
+    h = parts.sum(0) if parts.shape[0] > 1 else parts[0]
     blocks = [triton.cdiv(edges[j + 1] - edges[j], TILE_N) for j in range(MAX_SEGMENTS)]
     grid = (triton.cdiv(T, TILE_T), sum(blocks))
     _expand_tiles_kernel[grid](
-        *args, blocks[0], blocks[0] + blocks[1], T, *strides,
+        h, BT, y, slots, ranks, out_total, bounds[0], bounds[1], blocks[0], blocks[0] + blocks[1], T,
+        h.stride(0), BT.stride(0), BT.stride(1), y.stride(0),
         R=R, BLOCK_T=TILE_T, BLOCK_R=max(16, _rank_block(R)), BLOCK_N=TILE_N,
         DOT_PRECISION=_dot_precision(BT.dtype), num_warps=TILE_WARPS,
     )  # fmt: skip
@@ -242,10 +263,10 @@ if triton is not None:
     @triton.jit
     def _shrink_kernel(
         x_ptr, a_ptr, h_ptr, slots_ptr, ranks_ptr, in_features, k_per_split,
-        x_stride, a_slot_stride, a_row_stride, h_stride,
-        R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+        x_stride, a_slot_stride, a_row_stride, h_stride, h_split_stride,
+        R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        # Program (token, segment * rank block, split of the in-dimension).
+        # Program (token, segment * rank block, split of the in-dimension): its split's plane.
         t = tl.program_id(0).to(tl.int64)
         segment = tl.program_id(1) // ((R + BLOCK_R - 1) // BLOCK_R)
         r0 = (tl.program_id(1) % ((R + BLOCK_R - 1) // BLOCK_R)) * BLOCK_R
@@ -264,12 +285,8 @@ if triton is not None:
                 xv = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
                 av = tl.load(a_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 acc += av.to(tl.float32) * xv[None, :]
-            out = tl.sum(acc, axis=1)
-            dst = h_ptr + t * h_stride + segment * R + rows
-            if ATOMIC:
-                tl.atomic_add(dst, out, mask=row_ok)
-            else:
-                tl.store(dst, out.to(h_ptr.dtype.element_ty), mask=row_ok)
+            dst = h_ptr + tl.program_id(2).to(tl.int64) * h_split_stride + t * h_stride + segment * R + rows
+            tl.store(dst, tl.sum(acc, axis=1), mask=row_ok)
 
     @triton.jit
     def _block_columns(block, bound1, bound2, out_total, blocks1, blocks2, BLOCK_N: tl.constexpr):
@@ -284,11 +301,12 @@ if triton is not None:
     @triton.jit
     def _expand_kernel(
         h_ptr, bt_ptr, y_ptr, slots_ptr, ranks_ptr, out_total, bound1, bound2, blocks1, blocks2,
-        h_stride, bt_slot_stride, bt_row_stride, y_stride,
-        R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        splits, h_split_stride, h_stride, bt_slot_stride, bt_row_stride, y_stride,
+        R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         # Program (token, block of one projection's output columns); each output element has
-        # exactly one writer. The block's h is one vector of the row's rank, read once.
+        # exactly one writer. The block's h is one vector of the row's rank, the sum of the
+        # shrink's planes, read in one load.
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slots_ptr + t).to(tl.int64)
         rank = tl.minimum(tl.load(ranks_ptr + slot), R)
@@ -296,22 +314,24 @@ if triton is not None:
             segment, cols, col_ok = _block_columns(
                 tl.program_id(1), bound1, bound2, out_total, blocks1, blocks2, BLOCK_N
             )
-            h_row = h_ptr + t * h_stride + segment * R
+            planes = tl.arange(0, BLOCK_S)
+            h_row = h_ptr + planes[:, None] * h_split_stride + t * h_stride + segment * R
             bt_slot = bt_ptr + slot * bt_slot_stride
-            acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for r0 in range(0, rank, BLOCK_R):
                 rows = r0 + tl.arange(0, BLOCK_R)
                 r_ok = rows < rank
-                hv = tl.load(h_row + rows, mask=r_ok, other=0.0)
                 bv = tl.load(
                     bt_slot + rows[:, None] * bt_row_stride + cols[None, :],
                     mask=r_ok[:, None] & col_ok[None, :],
                     other=0.0,
                 )
-                acc += hv.to(tl.float32)[:, None] * bv.to(tl.float32)
+                h_ok = (planes < splits)[:, None] & r_ok[None, :]
+                hv = tl.sum(tl.load(h_row + rows[None, :], mask=h_ok, other=0.0), axis=0)
+                acc += tl.sum(hv[:, None] * bv.to(tl.float32), axis=0)
             dst = y_ptr + t * y_stride + cols
             yv = tl.load(dst, mask=col_ok, other=0.0)
-            tl.store(dst, (yv.to(tl.float32) + tl.sum(acc, axis=0)).to(yv.dtype), mask=col_ok)
+            tl.store(dst, (yv.to(tl.float32) + acc).to(yv.dtype), mask=col_ok)
 
     @triton.jit
     def _shrink_tiles_kernel(
