@@ -1,7 +1,7 @@
 """GPU microbenchmark of the per-token LoRA kernels (app/inference/lora_kernels.py) against the
 masked all-slots product that app/inference/lora.py does today and against gather + bmm.
 
-python bench/lora_kernels.py --out lora_kernels.json [--models tinyllama mistral7b] [--rank 16]
+python bench/lora_kernels.py --out lora_kernels.json [--models tinyllama mistral7b] [--rank 16] [--prefill-runs]
 For each projection group of TinyLlama-1.1B and Mistral-7B (q/k/v fused, gate/up fused, o, down),
 T token rows spread over a number of distinct adapters in a pool of S slots (every slot filled,
 rank r), bf16: shrink + expand added into the base output y. The 4,096-row case is a prefill
@@ -19,6 +19,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from app.inference import lora_kernels  # noqa: E402
 from app.inference.lora_kernels import TILE_MIN_TOKENS, lora_apply  # noqa: E402
 
 # Group -> (in_features, out sizes of the projections that share the input).
@@ -116,13 +117,48 @@ def run_case(group: Group, T: int, adapters: int, in_features: int) -> dict:
     return result
 
 
+def tiles_apply(x, y, A, BT, slots, ranks, out_starts):
+    """lora_apply through the tile kernels whatever the number of rows."""
+    parts = lora_kernels._triton_shrink(x, A, slots, ranks, len(out_starts) - 1, tiles=True)
+    lora_kernels._triton_expand(parts, BT, slots, ranks, out_starts, y, tiles=True)
+
+
+def prefill_runs(models, rank: int) -> list[dict]:
+    """A prefill's rows come in runs of one sequence (one adapter): 1, 4 and 16 sequences of 64
+    rows, through the per-row kernels (what lora_apply takes below TILE_MIN_TOKENS rows) and
+    through the tile kernels (taken from TILE_MIN_TOKENS on), to check where tiles start to pay."""
+    results = []
+    for model in models:
+        for group_name, (in_features, outs) in MODELS[model].items():
+            group = Group(256, rank, in_features, outs)
+            for sequences in (1, 4, 16):
+                T = 64 * sequences
+                slots = (torch.arange(T, device="cuda") // 64 + 1).to(torch.int32)
+                x = torch.randn(T, in_features, device="cuda", dtype=torch.bfloat16)
+                y = torch.randn(T, group.out_starts[-1], device="cuda", dtype=torch.bfloat16)
+                args = (x, y, group.A, group.BT, slots, group.ranks, group.out_starts)
+                row = dict(model=model, group=group_name, rows=T, sequences=sequences)
+                row["per_row_us"] = round(time_us(lambda args=args: lora_apply(*args)), 2)
+                row["tiles_us"] = round(time_us(lambda args=args: tiles_apply(*args)), 2)
+                print(row, flush=True)
+                results.append(row)
+            del group
+            torch.cuda.empty_cache()
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prefill-runs", action="store_true", help="only prefill_runs()")
     a = ap.parse_args()
     torch.manual_seed(0)
+    if a.prefill_runs:
+        doc = {"device": torch.cuda.get_device_name(0), "prefill_runs": prefill_runs(a.models, a.rank)}
+        a.out.write_text(json.dumps(doc, indent=1) + "\n")
+        return
     results = []
     print(f"{'model':10} {'group':8} {'slots':>5} {'T':>4} {'adapt':>5}   triton µs (GB/s)", end="")
     print("   masked µs   gather µs")
