@@ -1,7 +1,7 @@
 """GPU microbenchmark of the per-token LoRA kernels (app/inference/lora_kernels.py) against the
-masked all-slots product that app/inference/lora.py does today and against gather + bmm.
+masked all-slots product (what app/inference/lora.py did before them) and against gather + bmm.
 
-python bench/lora_kernels.py --out lora_kernels.json [--models tinyllama mistral7b] [--rank 16] [--prefill-runs]
+python bench/lora_kernels.py --out F [--models tinyllama mistral7b] [--rank 16] [--prefill-runs]
 For each projection group of TinyLlama-1.1B and Mistral-7B (q/k/v fused, gate/up fused, o, down),
 T token rows spread over a number of distinct adapters in a pool of S slots (every slot filled,
 rank r), bf16: shrink + expand added into the base output y. The 4,096-row case is a prefill

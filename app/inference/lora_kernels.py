@@ -44,8 +44,8 @@ MAX_SEGMENTS = 3  # the expand kernel takes the segment boundaries as two scalar
 SHRINK_TARGET_PROGRAMS = 1024
 SHRINK_MAX_SPLITS = 32
 SHRINK_BLOCK_K = 64
-# Expand's output columns per program: wide, so that each thread has many loads in flight (at 64
-# rows 3.4x faster than 256 columns).
+# Expand's output columns per program: wide, so that each thread has many loads in flight (a
+# 1.1B-shape step of 64 rows: 287 us against 1,242 at 256 columns).
 EXPAND_BLOCK_N = 1024
 EXPAND_WARPS = 4
 SHRINK_WARPS = 4
