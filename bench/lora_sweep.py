@@ -16,18 +16,14 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.inference import lora_kernels as lk  # noqa: E402
-from bench.lora_kernels import MODELS, Group  # noqa: E402
+from bench.lora_kernels import MODELS, Group, time_us  # noqa: E402
+from bench.shapes import SHAPES  # noqa: E402
 
-LAYERS = {"tinyllama": 22, "mistral7b": 32}
 ROWS = (1, 16, 64)
 SLOTS, RANK = 256, 16
 # (SHRINK_BLOCK_K, SHRINK_TARGET_PROGRAMS, SHRINK_WARPS) and (EXPAND_BLOCK_N, EXPAND_WARPS).
 SHRINK = [(bk, p, w) for bk in (32, 64, 128, 256) for p in (512, 1024, 2048) for w in (1, 2, 4, 8)]
 EXPAND = [(bn, w) for bn in (128, 256, 512, 1024, 2048) for w in (1, 2, 4, 8)]
-
-
-def time_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=15) * 1e3
 
 
 KNOBS = ("SHRINK_BLOCK_K", "SHRINK_TARGET_PROGRAMS", "SHRINK_WARPS", "EXPAND_BLOCK_N", "EXPAND_WARPS")
@@ -59,7 +55,7 @@ def sweep(model: str) -> dict:
     for in_features, outs in MODELS[model].values():
         group = Group(SLOTS, RANK, in_features, outs)
         for T in ROWS:
-            time_group(group, T, shrink, expand, LAYERS[model])
+            time_group(group, T, shrink, expand, SHAPES[model][1]["num_hidden_layers"])
         del group
         torch.cuda.empty_cache()
     current = tuple(getattr(lk, k) for k in KNOBS)

@@ -107,8 +107,13 @@ def _expand(parts, BT, slots, ranks, out_starts, y):
     if y.is_cuda:
         _triton_expand(parts, BT, slots, ranks, out_starts, y)
     else:
-        torch_expand(parts.sum(0), BT, slots, ranks, out_starts, y)
+        torch_expand(_summed(parts), BT, slots, ranks, out_starts, y)
     return y
+
+
+def _summed(parts: torch.Tensor) -> torch.Tensor:
+    """h from its planes of partial sums (no copy when there is one plane, as on the CPU path)."""
+    return parts.sum(0) if parts.shape[0] > 1 else parts[0]
 
 
 def _check_shrink(x, A, slots, ranks, segments):
@@ -246,7 +251,7 @@ def _triton_expand(
             BLOCK_S=triton.next_power_of_2(parts.shape[0]), num_warps=EXPAND_WARPS,
         )  # fmt: skip
         return
-    h = parts.sum(0) if parts.shape[0] > 1 else parts[0]
+    h = _summed(parts)
     blocks = [triton.cdiv(edges[j + 1] - edges[j], TILE_N) for j in range(MAX_SEGMENTS)]
     grid = (triton.cdiv(T, TILE_T), sum(blocks))
     _expand_tiles_kernel[grid](
