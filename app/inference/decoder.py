@@ -277,7 +277,9 @@ class BatchDecoder:
                 cos, sin = rotary[plan.rope]
                 q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
                 write_kv(self.k[i], self.v[i], k, v, slot_mapping)
-            o = groups["o"](attend(q, i, plan), slots)
+            # Outside Gemma's sandwich norms the o and down outputs are only added to the
+            # residual stream, so their LoRA deltas go there directly (beside the base GEMM).
+            o = groups["o"](attend(q, i, plan), slots, None if self.sandwich_norms else x)
             if self.sandwich_norms:
                 x = x + layer.post_attention_layernorm(o)
                 h = layer.pre_feedforward_layernorm(x)
@@ -289,7 +291,7 @@ class BatchDecoder:
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 h = self.activations[i](gate) * up
-            h = groups["down"](h, slots)
+            h = groups["down"](h, slots, None if self.sandwich_norms else x)
             pending = layer.post_feedforward_layernorm(h) if self.sandwich_norms else h
         return x, pending
 

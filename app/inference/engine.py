@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 MAX_AUTO_SLOTS = 512
 # CPU tier staging buffers pinned at start (more are pinned as the tier fills).
 PINNED_STAGING = 32
+# Prompts that arrive together with up to this many tokens in all (and within the prefill chunk
+# budget) are prefilled inside the next decode step, a row per prompt token beside the running
+# rows: one forward reads the weights for both, where a prefill forward of its own would read
+# them again and make the host wait for it before the next step.
+STEP_PREFILL_TOKENS = 256
 
 
 @dataclass
@@ -218,7 +223,7 @@ class Engine:
         self.decoder = BatchDecoder(
             self.model,
             pool,
-            self.settings.max_batch_size,
+            self.settings.max_batch_size + STEP_PREFILL_TOKENS,
             self.context_window,
             kv_blocks,
             self.settings.prefill_chunk_tokens,
@@ -294,13 +299,13 @@ class Engine:
             if error is not None:
                 self._fail_waiting_for(version, error)
         admitted = self._admit()
-        if self.prefilling:
+        if self.prefilling and not self._step_prompts():
             self._prefill_chunks()
             self._send_events()  # first tokens out before the decode step
         self._drop_cancelled()
         INFERENCE_WAITING.set(len(self.waiting))
         INFERENCE_RUNNING.set(len(self.running))
-        if self.running or self.inflight:
+        if self.running or self.inflight or self._step_prompts():
             self._grow_blocks()
             self._decode_step()
         elif not admitted and not self.prefilling:
@@ -340,6 +345,8 @@ class Engine:
                 self.tiers.release(slot)
                 break
             seq.slot, seq.blocks, seq.prefilled = slot, blocks, 0
+            seq.table = np.zeros(self.decoder.max_blocks, dtype=np.int32)
+            seq.table[: len(blocks)] = blocks
             self._admissions += 1
             seq.admitted = self._admissions
             admitted.append(seq)
@@ -365,33 +372,39 @@ class Engine:
             batch.append((seq, Chunk(tokens, seq.prefilled, seq.slot, seq.blocks)))
         logits, greedy = self.decoder.prefill([chunk for _, chunk in batch])
         greedy = greedy.tolist()  # waits for the device, the decode step in flight included
-        now = time.monotonic()
         for i, (seq, chunk) in enumerate(batch):
             seq.prefilled += len(chunk.tokens)
             if seq.prefilled < len(seq.context):
                 continue
-            self.prefilling.remove(seq)
-            seq.length = len(seq.context)
+            self._prefilled(seq)
             if seq.generated:
-                # Resumed after preemption: its next input is the last token it generated.
-                self._append_row(seq)
-                continue
+                continue  # resumed after preemption: its next input is the last token it generated
+            finished = self._accept_token(seq, self._choose(seq, logits, i, greedy[i]))
+            seq.issued = 1
+            if finished:
+                self._retire([seq])
+
+    def _step_prompts(self) -> list[Sequence]:
+        """The admitted prompts the next decode step prefills: all of them, when none is empty or
+        partly prefilled and together they fit STEP_PREFILL_TOKENS and the chunk budget; else none
+        (`_prefill_chunks` takes them)."""
+        budget = min(STEP_PREFILL_TOKENS, self.decoder.prefill_tokens)
+        if any(s.prefilled or not s.context for s in self.prefilling):
+            return []
+        return self.prefilling if sum(len(s.context) for s in self.prefilling) <= budget else []
+
+    def _prefilled(self, seq: Sequence) -> None:
+        """Its context is in the cache: the sequence joins the running batch (its first token
+        still to be read, unless it resumes after preemption)."""
+        self.prefilling.remove(seq)
+        seq.prefilled = seq.length = len(seq.context)
+        seq.issued, seq.unread, seq.row = len(seq.generated), 0, -1
+        self.running.append(seq)
+        if not seq.generated:
             seq.generator = make_generator(seq.request.params)
             seq.tracker = TextTracker(seq.request.params.stop)
             seq.detokenizer = Detokenizer(self.tokenizer)
             seq.token_counter = TOKENS_GENERATED.labels(seq.request.model)
-            TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(now - seq.submitted_at)
-            if self._accept_token(seq, self._choose(seq, logits, i, greedy[i])):
-                seq.done = True
-                self._release(seq)
-            else:
-                self._append_row(seq)
-
-    def _append_row(self, seq: Sequence) -> None:
-        seq.table = np.zeros(self.decoder.max_blocks, dtype=np.int32)
-        seq.table[: len(seq.blocks)] = seq.blocks
-        seq.issued, seq.unread, seq.row = len(seq.generated), 0, -1
-        self.running.append(seq)
 
     def _grow_blocks(self) -> None:
         """A block for every row to decode whose next token starts one; when none is free, the
@@ -428,30 +441,49 @@ class Engine:
         return [s for s in self.running if s.issued < s.request.params.max_new_tokens]
 
     def _decode_step(self) -> None:
-        """Launch a step for the running rows, then read the step before it while this one runs:
-        a row whose newest token the host has not read yet takes it from the device. A step with
-        a sampled row is read at once (its token is drawn on the host from the logits), as is
-        every step without `launch_ahead`."""
-        rows = self._to_decode()
+        """Launch a step for the running rows and the prompts of `_step_prompts` (a row per
+        prompt token, at its position, with its sequence's blocks: decode attention over the keys
+        up to each row is causal prefill), then read the step before it while this one runs: a
+        row whose newest token the host has not read yet takes it from the device, as does a
+        prompt's first decode row from the prompt's last row. A step with a sampled row is read at
+        once (its token is drawn on the host from the logits), as is every step without
+        `launch_ahead`."""
+        rows, prompts = self._to_decode(), list(self._step_prompts())
         launched = None
-        if rows:
-            step = self.decoder.decode(
-                [s.generated[-1] for s in rows],
-                [s.length for s in rows],
-                [s.slot for s in rows],
-                np.stack([s.table for s in rows]),
-                [s.row if s.unread else -1 for s in rows],
-            )
+        if rows or prompts:
+            # The token each row gives to whom (None: a prompt row before the last, or a resumed
+            # sequence's, whose next input is the token it generated last).
+            readers: list[Sequence | None] = list(rows)
+            tokens = [s.generated[-1] if s.generated else 0 for s in rows]  # 0: taken from the device
+            positions, slots = [s.length for s in rows], [s.slot for s in rows]
+            tables, sources = [s.table for s in rows], [s.row if s.unread else -1 for s in rows]
+            last_rows = []
+            for seq in prompts:
+                n = len(seq.context)
+                tokens += seq.context
+                positions += range(n)
+                slots += [seq.slot] * n
+                tables += [seq.table] * n
+                sources += [-1] * n
+                readers += [None] * (n - 1) + [None if seq.generated else seq]
+                last_rows.append(len(readers) - 1)
+            step = self.decoder.decode(tokens, positions, slots, np.stack(tables), sources)
             for row, seq in enumerate(rows):
                 seq.length += 1
                 seq.issued += 1
                 seq.unread += 1
                 seq.row = row
-            launched = (rows, step)
+            for seq, row in zip(prompts, last_rows, strict=True):
+                self._prefilled(seq)
+                if not seq.generated:
+                    seq.issued, seq.unread, seq.row = 1, 1, row
+            launched = (readers, step)
         previous, self.inflight = self.inflight, launched
         if previous is not None:
             self._read(*previous)
-        if launched is not None and not (self.launch_ahead and all(s.request.params.greedy for s in rows)):
+        if launched is not None and not (
+            self.launch_ahead and all(s.request.params.greedy for s in readers if s is not None)
+        ):
             self._read_inflight()
 
     def _read_inflight(self) -> None:
@@ -459,13 +491,13 @@ class Engine:
         if previous is not None:
             self._read(*previous)
 
-    def _read(self, rows: list[Sequence], step) -> None:
+    def _read(self, readers: list[Sequence | None], step) -> None:
         """Accept each row's token of a finished step; rows that are done leave the batch (a step
         launched after this one may still compute theirs: it is read past)."""
         greedy = step.tokens()
         finished = []
-        for row, seq in enumerate(rows):
-            if seq.done:
+        for row, seq in enumerate(readers):
+            if seq is None or seq.done:
                 continue
             seq.unread -= 1
             if self._accept_token(seq, self._choose(seq, step.padded_logits, row, greedy[row])):
@@ -479,6 +511,8 @@ class Engine:
     def _accept_token(self, seq: Sequence, token: int) -> bool:
         """Record one token and send its text; True when the sequence is finished."""
         params = seq.request.params
+        if not seq.generated:
+            TIME_TO_FIRST_TOKEN.labels(seq.request.model).observe(time.monotonic() - seq.submitted_at)
         seq.generated.append(token)
         is_eos = token in self.eos_ids
         finished = is_eos or len(seq.generated) >= params.max_new_tokens

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.inference.lora_kernels import lora_apply
+from app.inference.lora_kernels import lora_add, lora_apply, lora_partial_sums
 
 Weights = Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]  # name -> (A, B, scale)
 
@@ -54,7 +54,13 @@ def slot_bytes(model: nn.Module, rank: int) -> int:
 class LoraGroup:
     """One fused base projection of a layer and its members' pooled LoRA."""
 
-    def __init__(self, modules: list[tuple[str, nn.Linear]], num_slots: int, ranks: torch.Tensor):
+    def __init__(
+        self,
+        modules: list[tuple[str, nn.Linear]],
+        num_slots: int,
+        ranks: torch.Tensor,
+        stream: "torch.cuda.Stream | None" = None,
+    ):
         weights = [m.weight for _, m in modules]
         self.in_features = weights[0].shape[1]
         self.weight = torch.cat(weights) if len(weights) > 1 else weights[0]
@@ -71,6 +77,7 @@ class LoraGroup:
         self.out_starts = tuple(starts)
         self.members = {name: j for j, (name, _) in enumerate(modules)}
         self.ranks = ranks
+        self.stream = stream
         self.num_slots = num_slots
         self.rank = 0
         self.A = self.weight.new_zeros(num_slots, 0, self.in_features)
@@ -87,11 +94,36 @@ class LoraGroup:
         BT[:, : self.rank] = self.BT
         self.A, self.BT, self.rank = A, BT, rank
 
-    def __call__(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """x: (tokens, in); slots: (tokens,) each token's pool slot."""
+    def __call__(
+        self, x: torch.Tensor, slots: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (tokens, in); slots: (tokens,) each token's pool slot. Returns the base projection
+        plus the LoRA delta, or, given `residual` (the tensor the caller adds the output to,
+        shaped like the output), the base projection alone with the delta added into `residual`.
+
+        On CUDA the LoRA kernels run on the pool's side stream beside the base GEMM: they would
+        otherwise wait for it, then the GEMM for them, each costing its latency in a decode step
+        (a CUDA graph keeps the two branches). The shrink needs only x; the expand needs the GEMM's
+        output too unless it goes into `residual`, which nothing reads meanwhile."""
+        if not self.rank:
+            return F.linear(x, self.weight, self.bias)
+        lora = (self.A, self.BT, slots, self.ranks, self.out_starts)
+        if self.stream is None:
+            y = F.linear(x, self.weight, self.bias)
+            lora_apply(x, y if residual is None else residual, *lora)
+            return y
+        main = torch.cuda.current_stream(x.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            parts = lora_partial_sums(x, self.A, slots, self.ranks, len(self.members))
+            if residual is not None:
+                lora_add(parts, *lora[1:], residual)
         y = F.linear(x, self.weight, self.bias)
-        if self.rank:
-            lora_apply(x, y, self.A, self.BT, slots, self.ranks, self.out_starts)
+        # Everything the side stream touched (x, parts, residual) is still referenced here, so
+        # no main-stream allocation can take its memory before this join.
+        main.wait_stream(self.stream)
+        if residual is None:
+            lora_add(parts, *lora[1:], y)
         return y
 
 
@@ -107,6 +139,8 @@ class AdapterPool:
         self.ranks = torch.zeros(self.num_slots, dtype=torch.int32, device=device)
         self.rank = 0
         self.version = 0
+        # Where every group's LoRA kernels run beside its base GEMM (LoraGroup.__call__).
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.layers: list[dict[str, LoraGroup]] = []
         # PEFT module name -> (group, member index)
         self.targets: dict[str, tuple[LoraGroup, int]] = {}
@@ -117,7 +151,10 @@ class AdapterPool:
                 prefix = f"model.layers.{index}.{parent_name}."
                 with torch.no_grad():
                     group = LoraGroup(
-                        [(prefix + m, getattr(parent, m)) for m in members], self.num_slots, self.ranks
+                        [(prefix + m, getattr(parent, m)) for m in members],
+                        self.num_slots,
+                        self.ranks,
+                        self.stream,
                     )
                 groups[group_name] = group
                 for name, j in group.members.items():

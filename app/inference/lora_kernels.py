@@ -88,9 +88,22 @@ def lora_apply(
     ranks: torch.Tensor,
     out_starts: tuple[int, ...],
 ) -> torch.Tensor:
-    """y += the LoRA delta of x (shrink then expand), in place. Returns y. The shrink's partial
-    sums are handed to the expand as they are, entries no one reads left unwritten."""
-    parts = _shrink(x, A, slots, ranks, len(out_starts) - 1, zeroed=False)
+    """y += the LoRA delta of x (shrink then expand), in place. Returns y."""
+    return lora_add(
+        lora_partial_sums(x, A, slots, ranks, len(out_starts) - 1), BT, slots, ranks, out_starts, y
+    )
+
+
+def lora_partial_sums(x, A, slots, ranks, segments: int) -> torch.Tensor:
+    """lora_apply's first half: the shrink as planes of partial sums (splits, T, n * R) fp32, as
+    `lora_add` takes them, entries no one reads left unwritten."""
+    return _shrink(x, A, slots, ranks, segments, zeroed=False)
+
+
+def lora_add(parts, BT, slots, ranks, out_starts: tuple[int, ...], y: torch.Tensor) -> torch.Tensor:
+    """lora_apply's second half: y += the expand of `lora_partial_sums`' planes, in place. y has
+    the rows of x and the group's output columns: the group's output, or a tensor it will be
+    added to. Returns y."""
     return _expand(parts, BT, slots, ranks, out_starts, y)
 
 

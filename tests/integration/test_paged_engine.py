@@ -3,16 +3,22 @@ not depend on how its prompt was chunked or on other requests taking its blocks 
 long prompt does not stall the streams already running."""
 
 import asyncio
+import json
 
 import pytest
+from transformers import AutoTokenizer
 
+from app.core.artifacts import write_manifest
 from app.core.metrics import INFERENCE_PREEMPTIONS, INFERENCE_REQUESTS
 from app.core.settings import Settings
-from app.inference.engine import Engine
+from app.inference.engine import STEP_PREFILL_TOKENS, Engine
+from app.inference.messages import AdapterRef
 from tests.conftest import link_base_model
-from tests.inference_support import generate
+from tests.inference_support import generate, write_peft_adapter
+from tests.model_families_support import build_base
 
 STORY = "Once upon a time"
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LONG_PROMPT = "In a small village at the edge of a great forest there lived an old clockmaker who " * 5
 
 
@@ -130,3 +136,65 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(data_dir, roo
         assert decoded_meanwhile >= chunks - 2
     finally:
         chunked.stop()
+
+
+@pytest.mark.gpu
+def test_on_cuda_each_request_in_a_mixed_batch_gets_its_solo_text(base_model_dir, tmp_path):
+    """On CUDA, where steps are launched ahead and each group's LoRA runs on a side stream: short
+    prompts are prefilled inside decode steps beside the running rows, the long one by a prefill
+    forward of its own; with adapters and the base model in one batch, every request's greedy text
+    equals the same request alone. (A tiny random Llama: the device has no embedded weights.)"""
+    base_dir = tmp_path / "tiny-llama"
+    build_base("llama", base_dir, AutoTokenizer.from_pretrained(base_model_dir))
+    config = json.loads((base_dir / "config.json").read_text())
+    (base_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    refs = []
+    for seed in range(2):
+        directory = tmp_path / f"a{seed}"
+        write_peft_adapter(directory, base_dir, seed, rank=16, targets=ALL_LINEAR, std=0.2)
+        refs.append(AdapterRef(write_manifest(directory), directory))
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        device="cuda",
+        base_models={"tiny": base_dir},
+        serve_base_model="tiny",
+        max_context_tokens=512,
+    )
+    engine = Engine(settings)
+    engine.start()
+    try:
+        requests = [
+            (STORY, None),
+            (STORY, refs[0]),
+            ("List many colours:", refs[1]),
+            (LONG_PROMPT * 3, refs[0]),  # past STEP_PREFILL_TOKENS
+            ("The history of Rome begins", None),
+        ]
+        assert len(engine.encode_prompt(LONG_PROMPT * 3)) > STEP_PREFILL_TOKENS
+
+        async def solo():
+            return [await generate(engine, p, ref, max_tokens=40) for p, ref in requests]
+
+        async def staggered():
+            """Each request sent once the one before has its first token: it joins running rows."""
+            tasks = []
+            for prompt, ref in requests:
+                first = asyncio.Event()
+                tasks.append(
+                    asyncio.create_task(
+                        generate(engine, prompt, ref, max_tokens=40, on_token=lambda _, e=first: e.set())
+                    )
+                )
+                await first.wait()
+            return [await task for task in tasks]
+
+        prefills = []
+        prefill = engine.decoder.prefill
+        engine.decoder.prefill = lambda chunks: prefills.append(len(chunks)) or prefill(chunks)
+        alone = asyncio.run(solo())
+        assert alone[0] != alone[1]  # the adapter changes the text
+        assert asyncio.run(staggered()) == alone
+        assert prefills == [1, 1]  # the long prompt's, alone and beside the others: no other
+        assert len(engine.blocks.free) == engine.decoder.num_blocks - 1
+    finally:
+        engine.stop()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from app.inference import lora_kernels
+from app.inference.lora import LoraGroup
 from app.inference.lora_kernels import lora_apply, lora_expand, lora_shrink, torch_expand, torch_shrink
 
 REPO = Path(__file__).resolve().parents[2]
@@ -236,3 +237,78 @@ def test_a_captured_cuda_graph_follows_new_slots_and_weights(T, dtype):
         ranks[2] = step * 4
         graph.replay()
         torch.testing.assert_close(y, cpu_apply(x, y_base, A, BT, slots, ranks, out_starts), **tol)
+
+
+def make_group(outs, in_features, R, device, dtype, stream=None, seed=0):
+    """A LoraGroup over len(outs) linear layers, its pool filled as gpu_case fills one."""
+    g = torch.Generator().manual_seed(seed)
+    modules = []
+    for j, out in enumerate(outs):
+        linear = torch.nn.Linear(in_features, out, bias=j == 0)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(out, in_features, generator=g) / in_features**0.5)
+            if linear.bias is not None:
+                linear.bias.copy_(torch.randn(out, generator=g))
+        modules.append((f"m{j}", linear.to(device, dtype)))
+    num_slots = 8
+    A, BT, ranks, _ = make_pool(num_slots, R, in_features, outs, [R, 3, 0, R, 5, R, 1], dtype, device, seed)
+    with torch.no_grad():
+        group = LoraGroup(modules, num_slots, ranks, stream)
+    group.grow_rank(R)
+    group.A.copy_(A)
+    group.BT.copy_(BT)
+    return group
+
+
+def test_a_groups_delta_lands_in_the_residual_when_given_one():
+    """The decoder hands o and down their residual: output + residual must be the same sum."""
+    group = make_group((24, 8, 8), 32, 8, "cpu", torch.float32)
+    x, residual = torch.randn(5, 32), torch.randn(5, 40)
+    slots = torch.tensor([1, 0, 4, 3, 2])
+    whole = group(x, slots)
+    into = residual.clone()
+    base = group(x, slots, into)
+    torch.testing.assert_close(base, torch.nn.functional.linear(x, group.weight, group.bias))
+    torch.testing.assert_close(base + into, whole + residual)
+    assert not torch.equal(into, residual)  # rows of adapters with a rank changed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 1024])
+def test_a_group_on_its_side_stream_matches_the_cpu_path_eagerly_and_in_a_graph(T):
+    """The LoRA kernels beside the base GEMM, on a stream of their own: the same sums as the CPU
+    path, and a captured graph keeps both branches and their join."""
+    outs, in_features = (2048, 256, 256), 2048
+    gpu = make_group(outs, in_features, 16, "cuda", torch.bfloat16, torch.cuda.Stream())
+    cpu = make_group(outs, in_features, 16, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, in_features, generator=g).cuda().bfloat16()
+    slots = torch.randint(0, 8, (T,), generator=g).cuda()
+    residual = torch.randn(T, sum(outs), generator=g).cuda().bfloat16()
+
+    def expected():
+        cx, cs = x.float().cpu(), slots.cpu()
+        return cpu(cx, cs), cpu(cx, cs) - torch.nn.functional.linear(cx, cpu.weight, cpu.bias)
+
+    # Two bf16 roundings of values up to ~6 (the base output's, then the sum's), and at 1,024
+    # rows the tile kernels' bf16 h.
+    tol = dict(rtol=2e-2, atol=6e-2)
+    whole, delta = expected()
+    torch.testing.assert_close(gpu(x, slots).float().cpu(), whole, **tol)
+    into = residual.clone()
+    gpu(x, slots, into)
+    torch.testing.assert_close((into.float() - residual.float()).cpu(), delta, **tol)
+
+    graph = torch.cuda.CUDAGraph()
+    into = torch.empty_like(residual)
+    with torch.cuda.graph(graph):
+        into.copy_(residual)
+        out = gpu(x, slots)
+        gpu(x, slots, into)
+    for _ in range(2):
+        x.copy_(torch.randn(T, in_features, device="cuda"))
+        slots.copy_(torch.randint(0, 8, (T,), device="cuda"))
+        graph.replay()
+        whole, delta = expected()
+        torch.testing.assert_close(out.float().cpu(), whole, **tol)
+        torch.testing.assert_close((into.float() - residual.float()).cpu(), delta, **tol)
