@@ -15,7 +15,8 @@ chunk writes its keys into its blocks and attends to the sequence's earlier chun
 buckets are captured as graphs too.
 
 Built from the model's own modules (embedding, norms, rotary tables, head) and the pool's fused
-projections (q/k/v and gate/up as one GEMM each, with per-row LoRA), so every family in
+projections (q/k/v and gate/up as one GEMM each, with per-row LoRA beside it; o's and down's LoRA
+deltas go straight into the residual stream), so every family in
 `app.core.model_families.FAMILIES` runs this one forward; what differs between them (q/k norms,
 Gemma's norm placement, sliding windows, soft-capping, rope per layer type) is read off the model by
 `families`."""

@@ -6,12 +6,13 @@ the event loop never waits on torch (the server runs the engine in a process of 
 engine_process.py, and `enqueue`s there); the engine hands over each step's events for all streams
 in one batch (`send_events`), and text is detokenized incrementally (a few tokens per step, not
 the whole sequence). Each loop turn the engine thread admits waiting requests whose adapter sits in a pool
-slot (loads run on the loader thread meanwhile) and whose prompt fits the free KV blocks, prefills
-one chunk budget of the admitted prompts (a long prompt takes several turns, with decode steps
-between them), appends the sequences whose prompt is in the cache to the running batch, then runs
-one decode step for every running sequence at once (`BatchDecoder`: a paged KV cache, each row at
-its own positions, so a row computes the same thing alone or next to others; on CUDA the decode step
-is a replayed CUDA graph). Greedy tokens come back for the whole batch in one transfer, and the host
+slot (loads run on the loader thread meanwhile) and whose prompt fits the free KV blocks. Short
+admitted prompts (STEP_PREFILL_TOKENS in all) ride in the next decode step, a row per prompt token;
+otherwise one prefill forward takes one chunk budget of them (a long prompt takes several turns,
+with decode steps between them). Sequences whose prompt is in the cache join the running batch, and
+one decode step runs for every running sequence at once (`BatchDecoder`: a paged KV cache, each row
+at its own positions, so a row computes the same thing alone or next to others; on CUDA the decode
+step is a replayed CUDA graph). Greedy tokens come back for the whole batch in one transfer, and the host
 reads them while the next step already runs (on CUDA): that step is launched first, taking greedy
 rows' tokens from the device (a row that has just ended has one step computed in vain, read past). A
 step with a sampled row is read before the next launch. When a growing sequence finds no free block,
