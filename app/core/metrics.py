@@ -30,6 +30,15 @@ QUEUE_DEPTH = Gauge(
     "Fine-tuning jobs waiting to be claimed",
     registry=REGISTRY,
 )
+# The API process's share of an inference request's time to first token, before the engine's
+# (tuneforge_time_to_first_token_seconds starts at this submit).
+INFERENCE_SUBMIT_SECONDS = Histogram(
+    "tuneforge_inference_submit_seconds",
+    "From an inference handler's start to its engine submit: key and model lookup, tokenizing, "
+    "and the wait for the preparation thread",
+    registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 
 # --- Inference engine ---
 # Kept by the engine (its thread, its adapter loader), in the engine process.

@@ -4,6 +4,7 @@ settings), and the engine's events back, its failures as API errors."""
 
 import asyncio
 import contextvars
+import time
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from app.core.adapter_cache import AdapterCache
 from app.core.adapter_files import AdapterFileError, AdapterGone
 from app.core.db import get_read_sessionmaker
 from app.core.errors import APIError, InvalidRequest, ServiceUnavailable
+from app.core.metrics import INFERENCE_SUBMIT_SECONDS
 from app.core.settings import Settings, get_settings
 from app.core.storage import ArtifactStore, open_store
 from app.inference.messages import (
@@ -97,6 +99,7 @@ async def submit(served: ServedBases | None, api_key: str, wanted: InferenceInpu
     starts); returns its result stream."""
     if served is None:
         raise ServiceUnavailable("The inference engine is not ready yet; retry shortly.")
+    started = time.monotonic()
     body = wanted.body
 
     settings = get_settings()
@@ -135,9 +138,11 @@ async def submit(served: ServedBases | None, api_key: str, wanted: InferenceInpu
         )
         adapter = AdapterRef(resolved.version, adapter_dir)
     try:
-        return engine.submit(GenerationRequest(resolved.id, prompt_ids, params, adapter))
+        results = engine.submit(GenerationRequest(resolved.id, prompt_ids, params, adapter))
     except EngineStopped as exc:
         raise ServiceUnavailable(str(exc)) from exc
+    INFERENCE_SUBMIT_SECONDS.observe(time.monotonic() - started)
+    return results
 
 
 # Downloads of adapters from object storage, off the lookup thread: a cold one takes a while.

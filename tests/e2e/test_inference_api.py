@@ -297,6 +297,7 @@ def test_imported_adapters_and_checkpoints_are_served_and_counted(server, tmp_pa
     assert f'tuneforge_tokens_generated_total{{model="{imported}"}}' in text
     for name in (
         "tuneforge_time_to_first_token_seconds_bucket",
+        "tuneforge_inference_submit_seconds_bucket",
         "tuneforge_inference_queue_depth",
         'tuneforge_resident_adapters{tier="gpu"}',
         "tuneforge_adapter_load_seconds_count",
