@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(4096, ge=16)
     max_batch_size: int = 32
     max_context_tokens: int = 2048
+    # The SSE chunks a second the API process aims to write in all: with N streams open, each
+    # sends its new text at most every N / this seconds (the first token and the end at once), so
+    # under load a chunk carries several tokens instead of a write per token per stream. 0: every
+    # token as it comes.
+    stream_chunks_per_s: int = Field(4000, ge=0)
 
     @field_validator("storage_url")
     @classmethod

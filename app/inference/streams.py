@@ -19,7 +19,8 @@ class ResultStream:
         self._held = None  # read past while joining text deltas; returned next
         self._on_cancel = on_cancel
         self.cancelled = False
-        self.done = False
+        self.done = False  # the last event has been read
+        self.ended = False  # the last event has arrived (it may not have been read yet)
 
     async def get(self):
         event = self._held if self._held is not None else await self._queue.get()
@@ -61,4 +62,6 @@ def deliver(items: list[tuple[ResultStream, object]]) -> None:
 
 def _put(events: list[tuple[ResultStream, object]]) -> None:
     for stream, event in events:
+        if isinstance(event, (Completion, Failure)):
+            stream.ended = True
         stream._queue.put_nowait(event)

@@ -214,20 +214,37 @@ async def first_event(stream, model_id: str) -> TextDelta | Completion:
     return event
 
 
-async def events(stream, model_id: str, first=None) -> AsyncIterator[TextDelta | Completion]:
+async def events(stream, model_id: str, first=None, paced=False) -> AsyncIterator[TextDelta | Completion]:
     """TextDelta events, then the Completion; a Failure becomes an APIError. Cancels the request
-    in the engine if the caller stops listening (client gone)."""
+    in the engine if the caller stops listening (client gone). `paced` (an SSE stream): deltas
+    no closer together than TUNEFORGE_STREAM_CHUNKS_PER_S allows with this process's paced
+    streams open; the text that comes meanwhile goes out joined in the next one."""
+    global _paced_streams
+    loop = asyncio.get_running_loop()
+    rate = get_settings().stream_chunks_per_s if paced else 0
+    _paced_streams += bool(rate)
     try:
         event = first or await stream.get()
         while True:
             if isinstance(event, Failure):
                 raise _api_error(event.error, model_id)
+            sent = loop.time()
             yield event
             if isinstance(event, Completion):
                 return
+            if rate:
+                # A socket write per stream per decode step would take most of the event loop's
+                # time at 64 streams (measured); the end is never held back.
+                wait = sent + _paced_streams / rate - loop.time()
+                if wait > 0 and not stream.ended:
+                    await asyncio.sleep(wait)
             event = await stream.get()
     finally:
+        _paced_streams -= bool(rate)
         stream.cancel()
+
+
+_paced_streams = 0  # SSE streams open in this process (they all run on its one event loop)
 
 
 async def collect(stream, model_id: str, client_gone: Awaitable) -> tuple[str, Completion]:

@@ -127,7 +127,7 @@ async def _answer(
         text, done = await service.collect(results, model, _disconnected(request))
         return answer.whole(text, done)
     first = await service.first_event(results, model)
-    return stream_response(service.events(results, model, first), answer)
+    return stream_response(service.events(results, model, first, paced=True), answer)
 
 
 @router.post(
