@@ -13,7 +13,7 @@ Two pools of random adapters (bf16, nonzero A and B, PEFT's file layout), genera
           request, over 8 standard adapters.
   server: every adapter and a key registered in a temp data dir in one process through the service
           code that `tuneforge models import` calls (bench/_register.py), then the real server
-          (`tuneforge api`, bf16 base, TUNEFORGE_MAX_BATCH_SIZE=64, default adapter tiers) driven by
+          (`tuneforge api`, bf16 base, default settings) driven by
           closed-loop streaming (SSE) httpx clients, 4 streams per client process (bench/_clients.py):
             cold load: a never-seen standard adapter's first-request TTFT minus a warm one's (p50
                        of 16), then one unmeasured request per stream at 64 concurrent (warm-up);
@@ -202,8 +202,6 @@ def store_env(data_dir: Path, ckpt, device="cuda", app_root=ROOT) -> dict:
         TUNEFORGE_BASE_MODELS=json.dumps({base_name: str(ckpt)}),
         TUNEFORGE_SERVE_BASE_MODEL=base_name,
         TUNEFORGE_DEVICE=device,
-        # The 64-concurrent levels decode as one batch (the default is 32).
-        TUNEFORGE_MAX_BATCH_SIZE="64",
         BENCH_APP_ROOT=str(app_root),
         PYTHONPATH=os.pathsep.join([str(app_root), *[p for p in [os.environ.get("PYTHONPATH")] if p]]),
     )

@@ -21,6 +21,7 @@ class ResultStream:
         self.cancelled = False
         self.done = False  # the last event has been read
         self.ended = False  # the last event has arrived (it may not have been read yet)
+        self._pause = None  # the future `pause` waits on
 
     async def get(self):
         event = self._held if self._held is not None else await self._queue.get()
@@ -38,6 +39,18 @@ class ResultStream:
         if isinstance(event, (Completion, Failure)):
             self.done = True
         return event
+
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the last event arrives meanwhile."""
+        if self.ended:
+            return
+        self._pause = self.loop.create_future()
+        timer = self.loop.call_later(seconds, _wake, self._pause)
+        try:
+            await self._pause
+        finally:
+            timer.cancel()
+            self._pause = None
 
     def cancel(self) -> None:
         """Stop generating (client gone); frees the request's batch row at the next step."""
@@ -62,6 +75,13 @@ def deliver(items: list[tuple[ResultStream, object]]) -> None:
 
 def _put(events: list[tuple[ResultStream, object]]) -> None:
     for stream, event in events:
+        stream._queue.put_nowait(event)
         if isinstance(event, (Completion, Failure)):
             stream.ended = True
-        stream._queue.put_nowait(event)
+            if stream._pause is not None:
+                _wake(stream._pause)
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

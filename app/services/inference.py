@@ -236,8 +236,8 @@ async def events(stream, model_id: str, first=None, paced=False) -> AsyncIterato
                 # A socket write per stream per decode step would take most of the event loop's
                 # time at 64 streams (measured); the end is never held back.
                 wait = sent + _paced_streams / rate - loop.time()
-                if wait > 0 and not stream.ended:
-                    await asyncio.sleep(wait)
+                if wait > 0:
+                    await stream.pause(wait)
             event = await stream.get()
     finally:
         _paced_streams -= bool(rate)
