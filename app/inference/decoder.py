@@ -229,9 +229,10 @@ class BatchDecoder:
         self._graph_pool = None
         self._prefill_inputs: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
-    def warm_up(self) -> None:
-        """On CUDA: capture the decode step for every batch bucket and short first-chunk prefills,
-        so that no request waits for a capture."""
+    def warm_up(self, prefill_batch: int | None = None) -> None:
+        """On CUDA: capture the decode step for every batch bucket and short first-chunk prefills
+        of up to `prefill_batch` sequences (default: as many as the rows), so that no request
+        waits for a capture."""
         if not self.use_graphs:
             return
         batch = 1
@@ -245,7 +246,8 @@ class BatchDecoder:
                     break
                 width *= 2
             for length in (16, 32, 64, 128):
-                if batch * length <= PREFILL_GRAPH_TOKENS and length <= self.context_window:
+                fits = batch * length <= PREFILL_GRAPH_TOKENS and length <= self.context_window
+                if fits and batch <= _pow2(prefill_batch or self.max_rows):
                     self.prefill([Chunk([0] * length, 0, 0, scratch)] * batch)
             batch *= 2
         torch.cuda.synchronize()

@@ -231,7 +231,9 @@ class Engine:
         )
         self.blocks = BlockAllocator(self.decoder.num_blocks)
         with torch.inference_mode():
-            self.decoder.warm_up()
+            # A prefill forward takes at most a batch's sequences; decode rows also hold the
+            # prompt tokens prefilled in the step.
+            self.decoder.warm_up(prefill_batch=self.settings.max_batch_size)
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, self.tokenizer.eos_token_id] if i is not None}

@@ -163,6 +163,12 @@ def test_on_cuda_each_request_in_a_mixed_batch_gets_its_solo_text(base_model_dir
     engine = Engine(settings)
     engine.start()
     try:
+        # Prefill graphs are captured only for batches a prefill forward can have (a batch's
+        # sequences at most), decode graphs for every row bucket (prompt rows included).
+        captured = [key[1] for key in engine.decoder._graphs if key[0] == "prefill"]
+        decode_rows = [key[1] for key in engine.decoder._graphs if key[0] == "decode"]
+        assert captured and max(captured) == settings.max_batch_size
+        assert max(decode_rows) > settings.max_batch_size
         requests = [
             (STORY, None),
             (STORY, refs[0]),
