@@ -7,7 +7,7 @@ from fastapi import Depends, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.core.db import get_read_sessionmaker, get_sessionmaker
+from app.core.db import get_read_sessionmaker, get_sessionmaker, read_transaction
 from app.core.errors import Unauthorized
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore, open_store
@@ -58,9 +58,9 @@ def bearer_key(credentials: HTTPAuthorizationCredentials | None) -> str:
 
 def get_tenant(credentials: BearerDep) -> Tenant:
     key = bearer_key(credentials)
-    # Its own short read-only session: the route's session may be a writing one.
-    with get_read_sessionmaker()() as session, session.begin():
-        return lookup_tenant(session, key)
+    # Its own short read-only transaction: the route's session may be a writing one.
+    with read_transaction() as connection:
+        return lookup_tenant(connection, key)
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from app.core.adapter_cache import AdapterCache
 from app.core.adapter_files import AdapterFileError, AdapterGone
-from app.core.db import get_read_sessionmaker
+from app.core.db import read_transaction
 from app.core.errors import APIError, InvalidRequest, ServiceUnavailable
 from app.core.metrics import INFERENCE_SUBMIT_SECONDS
 from app.core.settings import Settings, get_settings
@@ -105,8 +105,8 @@ async def submit(served: ServedBases | None, api_key: str, wanted: InferenceInpu
     settings = get_settings()
 
     def prepare():
-        with get_read_sessionmaker()() as session, session.begin():
-            resolved = resolve_model(session, settings, lookup_tenant(session, api_key), body.model)
+        with read_transaction() as connection:
+            resolved = resolve_model(connection, settings, lookup_tenant(connection, api_key), body.model)
         engine = served.engine_for(resolved.base_model, body.model)
         if wanted.messages is not None:
             return engine, resolved, engine.encode_chat(_chat_dicts(wanted.messages))

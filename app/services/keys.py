@@ -1,6 +1,6 @@
 """Tenants and their API keys."""
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import Unauthorized
@@ -15,7 +15,7 @@ _TENANT_BY_KEY_HASH = (
 )
 
 
-def lookup_tenant(session: Session, key: str) -> Tenant:
+def lookup_tenant(session: Session | Connection, key: str) -> Tenant:
     """The key's tenant, looked up on every request (a revoked key is refused at once). Read as
     plain columns (loading ORM entities costs several times more CPU, on every request) into a
     transient Tenant with the columns routes use, id and name: never add it to a session."""

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.core.base_models import available_base_models
@@ -40,7 +40,9 @@ _MODEL_FOR_SERVING = select(Model.tenant_id, Model.base_model, Model.version, Mo
 )
 
 
-def resolve_model(session: Session, settings: Settings, tenant: Tenant, model_id: str) -> ResolvedModel:
+def resolve_model(
+    session: Session | Connection, settings: Settings, tenant: Tenant, model_id: str
+) -> ResolvedModel:
     if model_id in available_base_models(settings):
         return ResolvedModel(id=model_id, base_model=model_id)
     row = session.execute(_MODEL_FOR_SERVING, {"model_id": model_id}).first()
