@@ -50,20 +50,20 @@ def chunks_per_s(monkeypatch):
 
 
 def test_a_paced_stream_joins_its_tokens_into_fewer_chunks_without_delaying_first_or_last(chunks_per_s):
-    # One stream at 10 chunks a second: a chunk every 100 ms while tokens come every ~5 ms.
-    chunks_per_s(10)
+    # One stream at 5 chunks a second: a chunk every 200 ms while tokens come every ~5 ms.
+    chunks_per_s(5)
     texts, first, end_lag = asyncio.run(_read(paced=True))
     assert "".join(texts) == "".join(f"t{i} " for i in range(TOKENS))
     elapsed = TOKENS * TOKEN_INTERVAL_S
-    assert len(texts) <= elapsed / 0.1 + 3, texts  # ~2-3 chunks in ~0.2 s, not 40
-    assert first < 0.1 and len(texts[0].split()) == 1  # the first token goes out on its own, at once
-    assert end_lag < 0.05  # the end is not held back to the next 100 ms slot
+    assert len(texts) <= elapsed / 0.2 + 3, texts  # ~2-3 chunks in ~0.2 s, not 40
+    assert first < 0.1  # the first token goes out at once
+    assert end_lag < 0.1  # the end is not held back to the next 200 ms slot
 
 
 def test_unpaced_and_disabled_streams_send_every_token(chunks_per_s):
     chunks_per_s(0)
     texts, _, _ = asyncio.run(_read(paced=True))
     assert len(texts) > TOKENS // 2  # about one a token (a few may pile up on a busy machine)
-    chunks_per_s(10)
+    chunks_per_s(5)
     texts, _, _ = asyncio.run(_read(paced=False))  # a whole answer's collection is never paced
     assert len(texts) > TOKENS // 2
