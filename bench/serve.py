@@ -292,7 +292,15 @@ def run_server(env, key, workloads, cold_models=(), warmup=None, py_spy=None):
                  "engine_ttft_ms_mean": "tuneforge_time_to_first_token_seconds"}  # fmt: skip
         for name, plans in workloads.items():
             before = {part: histogram(url, metric) for part, metric in parts.items()}
+            cpu = _cpu_seconds(proc.pid)
             r = drive(url, key, plans)
+            if not py_spy:  # (under py-spy proc is py-spy, not the API)
+                # The API process's CPU time (the engine runs in a process of its own) a request and
+                # as a share of the level's run, from the clients' start to the last one's end (the
+                # API idles while the client processes start): near 1.0, it is the limit.
+                cpu = _cpu_seconds(proc.pid) - cpu
+                r["api_cpu_ms_per_request"] = round(1000 * cpu / r["requests"], 2)
+                r["api_cpu_share"] = round(cpu / (r["chunks"] / r["tokens_per_s"]), 3)
             # The client's time to first token in parts: the API's handler start -> engine submit
             # (lookups, tokenizing, the preparation thread), then the engine's submit -> first
             # token; the rest is HTTP before the handler and the first event's way back out.
@@ -322,6 +330,12 @@ def run_server(env, key, workloads, cold_models=(), warmup=None, py_spy=None):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def histogram(url, name) -> dict:
