@@ -36,6 +36,9 @@ def server(tmp_path_factory, base_model_dir):
         "TUNEFORGE_DATABASE_URL": f"sqlite:///{data_dir / 'tuneforge.db'}",
         "TUNEFORGE_DEVICE": "cpu",
         "TUNEFORGE_GPU_ADAPTER_SLOTS": "6",
+        # 5 SSE chunks a second in all: one stream gets a chunk every 200 ms at most, so even the
+        # CPU model's tokens are joined (the default, 4,000, joins them only under load).
+        "TUNEFORGE_STREAM_CHUNKS_PER_S": "5",
     }
     settings = Settings(data_dir=data_dir, database_url=env["TUNEFORGE_DATABASE_URL"], device="cpu")
     upgrade(settings.resolved_database_url)
@@ -147,6 +150,19 @@ def test_stream_and_plain_greedy_outputs_are_identical_with_right_usage(server, 
         "usage": plain["usage"],
         "finish_reason": "length",
     }
+
+
+def test_a_paced_stream_joins_tokens_into_chunks_with_the_plain_text(server):
+    body = {"model": BASE, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+    plain = post(server, "/v1/completions", body).json()
+    started = time.monotonic()
+    chunks = stream_chunks(server, "/v1/completions", body)
+    elapsed = time.monotonic() - started
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["text"]]
+    assert "".join(texts) == plain["choices"][0]["text"]
+    assert plain["usage"]["completion_tokens"] == 40
+    # At most a chunk per 200 ms slot (the first at once), so fewer chunks than tokens.
+    assert len(texts) <= elapsed / 0.2 + 2 and len(texts) < 40, texts
 
 
 def test_stop_strings_end_the_text_the_same_way_streamed_or_not(server):
