@@ -292,9 +292,9 @@ def run_server(env, key, workloads, cold_models=(), warmup=None, py_spy=None):
                  "engine_ttft_ms_mean": "tuneforge_time_to_first_token_seconds"}  # fmt: skip
         for name, plans in workloads.items():
             before = {part: histogram(url, metric) for part, metric in parts.items()}
-            cpu = _cpu_seconds(proc.pid)
+            cpu = None if py_spy else _cpu_seconds(proc.pid)  # (under py-spy proc is py-spy)
             r = drive(url, key, plans)
-            if not py_spy:  # (under py-spy proc is py-spy, not the API)
+            if cpu is not None:
                 # The API process's CPU time (the engine runs in a process of its own) a request and
                 # as a share of the level's run, from the clients' start to the last one's end (the
                 # API idles while the client processes start): near 1.0, it is the limit.

@@ -237,6 +237,7 @@ class BatchDecoder:
             return
         batch = 1
         scratch = [0] * self.max_blocks
+        prefill_rows = _pow2(prefill_batch or self.max_rows)
         while batch <= self.max_rows:
             width = MIN_KEY_BLOCKS
             while True:
@@ -247,7 +248,7 @@ class BatchDecoder:
                 width *= 2
             for length in (16, 32, 64, 128):
                 fits = batch * length <= PREFILL_GRAPH_TOKENS and length <= self.context_window
-                if fits and batch <= _pow2(prefill_batch or self.max_rows):
+                if fits and batch <= prefill_rows:
                     self.prefill([Chunk([0] * length, 0, 0, scratch)] * batch)
             batch *= 2
         torch.cuda.synchronize()
